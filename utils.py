@@ -1,0 +1,513 @@
+"""Loss, schedules, training, evaluation, clustering and plots for the Beta-VAE. Plain functions, no state."""
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+# ----------------------------------------------------------------------------- setup & files
+
+
+def set_seed(seed):
+    """The one place that seeds python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name):
+    """'auto' | 'cpu' | 'cuda' | 'mps' -> torch.device; ValueError when the device is not there."""
+    has = {"cpu": True, "cuda": torch.cuda.is_available(),
+           "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if name == "auto":
+        name = "cuda" if has["cuda"] else "mps" if has["mps"] else "cpu"
+    if name not in has:
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    if not has[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+@contextmanager
+def sigint_deferred():
+    """Hold Ctrl-C until the block ends, so a file being written is always finished first."""
+    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can_block:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can_block:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def atomic_save(path, write):
+    """Call write(tmp_path), then os.replace: a crash at any moment leaves the previous complete file."""
+    path = Path(path)
+    with sigint_deferred():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- loss & schedules
+
+
+def kl_per_dim(mu, logvar):
+    """mu, logvar: (B, z) -> (B, z) KL(q(z|x) || N(0, I)) per dimension."""
+    # Kingma & Welling 2014, App. B: -KL = 1/2 * sum(1 + log sigma^2 - mu^2 - sigma^2)
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def recon_per_image(logits, x, kind):
+    """logits, x: (..., 784) -> (...,) -log p(x|z): Bernoulli (bce) or unit-scale Gaussian (mse), summed over pixels."""
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
+    return F.mse_loss(torch.sigmoid(logits), x, reduction="none").sum(-1)
+
+
+def vae_terms(logits, x, mu, logvar, kind, free_bits):
+    """-> batch means of recon, KL and free-bits KL, each a scalar tensor."""
+    kl_dims = kl_per_dim(mu, logvar).mean(0)
+    # Free bits (Kingma et al. 2016): no pressure on a dimension whose batch-mean KL is under lambda.
+    return recon_per_image(logits, x, kind).mean(), kl_dims.sum(), kl_dims.clamp(min=free_bits).sum()
+
+
+def objective(recon, kl, kl_free_bits, t, args):
+    """The loss to minimise at fractional epoch t: recon + beta * KL_fb, or recon + gamma * |KL - C(t)|."""
+    if args.schedule == "capacity":
+        return recon + args.gamma * (kl - get_capacity(t, args)).abs()  # Burgess et al. 2018, Eq. 8
+    return recon + get_beta(t, args) * kl_free_bits  # Higgins et al. 2017, Eq. 4
+
+
+def get_beta(t, args):
+    """beta at fractional epoch t (0.0 = start of epoch 1); a pure function like nanoGPT's get_lr."""
+    if args.schedule == "linear":
+        # 0 at the start of epoch 1, beta_max at the start of epoch W: the published beta column.
+        ramp = args.warmup_epochs - 1
+        return args.beta_max * min(1.0, t / ramp) if ramp > 0 else args.beta_max
+    if args.schedule == "cyclical":
+        # Fu et al. 2019: M cycles over the run, beta rising over the first fraction R of each, then held.
+        period = args.epochs / args.cycles
+        return args.beta_max * min(1.0, (t % period) / (period * args.cycle_ratio))
+    if args.schedule == "capacity":
+        return args.gamma
+    return args.beta_max
+
+
+def get_capacity(t, args):
+    """Burgess et al. 2018: target KL C(t) in nats, raised linearly from 0 to C_max over the run."""
+    return args.capacity_max * min(1.0, t / args.epochs)
+
+
+def get_lr(t, args):
+    """Learning rate at fractional epoch t: constant, or cosine decay to 0 over the run."""
+    if args.lr_schedule == "cosine":
+        return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t / args.epochs)))
+    return args.lr
+
+
+# ----------------------------------------------------------------------------- training & evaluation
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or inf; the message names the epoch and batch."""
+
+
+def make_optimizer(model, lr):
+    """Adam, fused where this torch and device support it (one kernel for all parameters)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+
+
+def train_epoch(model, opt, x, args, epoch, show_progress=True):
+    """One pass over x: (N, 784) on the model's device -> dict of mean total, recon, kl, grad_norm."""
+    model.train()
+    n, bs = x.shape[0], args.batch_size
+    steps = math.ceil(n / bs)
+    perm = torch.randperm(n, device=x.device)
+    sums = torch.zeros(3, device=x.device)  # recon * b, kl * b, grad norm; read once per refresh, not per step
+    first_bad = torch.full((), -1, device=x.device)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not show_progress)
+    for i in bar:
+        t = epoch - 1 + i / steps
+        for group in opt.param_groups:
+            group["lr"] = get_lr(t, args)
+        xb = x[perm[i * bs:(i + 1) * bs]]
+        logits, mu, logvar = model(xb)
+        recon, kl, kl_fb = vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
+        loss = objective(recon, kl, kl_fb, t, args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # max_norm=inf: clip_grad_norm_ only measures (foreach, one pass) the norm before the step.
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        opt.step()
+        step_stats = torch.stack([recon.detach() * xb.shape[0], kl.detach() * xb.shape[0], gnorm])
+        sums += step_stats
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_stats.sum() + loss.detach()), i, first_bad)
+        if i % 50 == 49 or i == steps - 1:
+            if first_bad.item() >= 0:
+                raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {first_bad.item() + 1}")
+            seen = min(n, (i + 1) * bs)
+            bar.set_postfix(loss=f"{(sums[0] + sums[1]).item() / seen:.2f}")
+    recon, kl, gnorm = (sums / torch.tensor([n, n, steps], device=x.device)).tolist()
+    return dict(total=recon + kl, recon=recon, kl=kl, grad_norm=gnorm)
+
+
+def batched(x, batch_size):
+    """x: (N, ...) -> successive (batch_size, ...) slices; views, no copies."""
+    return (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size))
+
+
+@torch.no_grad()
+def encode_means(model, x, batch_size=5000):
+    """x: (N, 784) -> mu, logvar: (N, z) on the CPU."""
+    model.eval()
+    parts = [model.encode(xb) for xb in batched(x, batch_size)]
+    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+
+@torch.no_grad()
+def evaluate(model, x, kind, seed=0, batch_size=5000):
+    """Negative ELBO at beta = 1 (plain KL, no free bits), one z per image -> dict neg_elbo, recon, kl."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)  # fixed noise: epochs compare like for like
+    recon = kl = 0.0
+    for xb in batched(x, batch_size):
+        mu, logvar = model.encode(xb)
+        z = model.reparameterize(mu, logvar, generator=gen)
+        recon = recon + recon_per_image(model.decode(z), xb, kind).sum()
+        kl = kl + kl_per_dim(mu, logvar).sum()
+    recon, kl = recon.item() / x.shape[0], kl.item() / x.shape[0]
+    return dict(neg_elbo=recon + kl, recon=recon, kl=kl)
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, x, k, kind, seed=0, chunk=20000):
+    """x: (N, 784) -> (N,) importance-weighted estimate of log p(x) with k samples (Burda et al. 2016, Eq. 8)."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    out = []
+    for xb in batched(x, max(1, chunk // k)):
+        mu, logvar = model.encode(xb)
+        mu_k, logvar_k = mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape)
+        z = model.reparameterize(mu_k, logvar_k, generator=gen)  # (k, b, z)
+        log_px_z = -recon_per_image(model.decode(z), xb.expand(k, *xb.shape), kind)
+        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
+        log_qz = -0.5 * ((z - mu_k).pow(2) / logvar_k.exp() + logvar_k + math.log(2 * math.pi)).sum(-1)
+        out.append(torch.logsumexp(log_px_z + log_pz - log_qz, dim=0) - math.log(k))
+    return torch.cat(out).cpu()
+
+
+def active_units(mu, threshold=0.01):
+    """mu: (N, z) -> bool (z,): active if Cov_x(E[z|x]) > threshold (Burda et al. 2016, Sec. 5.2)."""
+    return mu.var(dim=0) > threshold
+
+
+def traversal_images(model, mu, dims, values):
+    """mu: (D, z) anchors -> (len(dims), D, len(values), 784): each dim swept over values, the rest held."""
+    z = mu.expand(len(dims), len(values), *mu.shape).clone().permute(0, 2, 1, 3)  # (dims, D, values, z)
+    for row, d in enumerate(dims):
+        z[row, :, :, d] = torch.as_tensor(values, dtype=mu.dtype)
+    with torch.no_grad():
+        return torch.sigmoid(model.decode(z))
+
+
+def interpolation_images(model, mu_a, mu_b, steps):
+    """mu_a, mu_b: (P, z) -> (P, steps, 784) decoded along the straight line from a to b."""
+    w = torch.linspace(0, 1, steps, dtype=mu_a.dtype)[None, :, None]
+    with torch.no_grad():
+        return torch.sigmoid(model.decode(mu_a[:, None] * (1 - w) + mu_b[:, None] * w))
+
+
+# ----------------------------------------------------------------------------- loss.txt & checkpoints
+
+LOSS_COLUMNS = [("epoch", "Epoch", "{:d}"), ("beta", "β", "{:.3f}"), ("total", "Total Loss", "{:.2f}"),
+                ("recon", "Recon Loss", "{:.2f}"), ("kl", "KL Divergence", "{:.2f}"),
+                ("grad_norm", "Grad Norm", "{:.2f}"), ("test_neg_elbo", "Test -ELBO", "{:.2f}"),
+                ("seconds", "Seconds", "{:.1f}")]
+
+
+def loss_table(history):
+    """Per-epoch history (list of dicts) -> the Markdown table written to loss.txt."""
+    lines = ["| " + " | ".join(h for _, h, _ in LOSS_COLUMNS) + " |",
+             "|" + "|".join("-" * (len(h) + 2) for _, h, _ in LOSS_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(f.format(row[k]) for k, _, f in LOSS_COLUMNS) + " |" for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def parse_loss_table(text):
+    """Inverse of loss_table -> list of dicts with float values (epoch as int)."""
+    rows = [ln.strip().strip("|").split("|") for ln in text.splitlines() if ln.strip().startswith("|")]
+    return [{k: (int(v) if k == "epoch" else float(v)) for (k, _, _), v in zip(LOSS_COLUMNS, r)}
+            for r in rows[2:]]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not fit the requested run."""
+
+
+def checkpoint_state(model, opt, epoch, config, history):
+    """Everything needed to resume bit-for-bit: weights, optimiser, RNG states, config, history."""
+    np_state = np.random.get_state()
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, config=config,
+                history=history, torch_rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                numpy_rng=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+                python_rng=list(random.getstate()))
+
+
+def restore_rng(state):
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    kind, keys, *rest = state["numpy_rng"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path, state):
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path):
+    """-> the checkpoint dict, loaded with weights_only=True; CheckpointError with a clear message otherwise."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); "
+                              f"delete it or point to another checkpoint") from None
+    if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
+        raise CheckpointError(f"{path} is not a checkpoint written by this project")
+    return state
+
+
+def config_mismatch(saved, requested, fields):
+    """-> the first of `fields` whose value differs between two config dicts, as a message, or None."""
+    for f in fields:
+        a, b = saved.get(f), requested.get(f)
+        if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            return f"checkpoint has {f}={a!r} but this run asks for {f}={b!r}"
+    return None
+
+
+# ----------------------------------------------------------------------------- clustering & embedding
+
+
+def hungarian_relabel(y_true, y_pred):
+    """-> y_pred mapped onto y_true's labels by the one-to-one matching that maximises agreement."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    k = max(y_true.max(), y_pred.max()) + 1
+    counts = confusion_matrix(y_pred, y_true, labels=np.arange(k))  # rows: cluster, cols: class
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    mapping = np.arange(k)
+    mapping[rows] = cols
+    return mapping[y_pred]
+
+
+def cluster_accuracy(y_true, y_pred):
+    """Unsupervised clustering accuracy: the fraction right after Hungarian relabelling."""
+    return float(np.mean(hungarian_relabel(y_true, y_pred) == np.asarray(y_true)))
+
+
+def cluster_labels(features, method, seed, k=10):
+    """features: (N, d) -> (N,) cluster ids from 'kmeans' (n_init='auto') or 'gmm' (full covariance)."""
+    from sklearn.cluster import KMeans
+    from sklearn.mixture import GaussianMixture
+    if method == "kmeans":
+        return KMeans(n_clusters=k, n_init="auto", random_state=seed).fit_predict(features)
+    return GaussianMixture(n_components=k, covariance_type="full", random_state=seed).fit(features).predict(features)
+
+
+def clustering_scores(features, y, method, seeds):
+    """Cluster once per seed (labels only score) -> dict of mean and std ACC, NMI, ARI and the per-seed ACC."""
+    runs = []
+    for s in seeds:
+        pred = cluster_labels(features, method, s)
+        runs.append((cluster_accuracy(y, pred), normalized_mutual_info_score(y, pred), adjusted_rand_score(y, pred)))
+    acc, nmi, ari = np.array(runs).T
+    return dict(acc_mean=acc.mean(), acc_std=acc.std(), nmi_mean=nmi.mean(), nmi_std=nmi.std(),
+                ari_mean=ari.mean(), ari_std=ari.std(), acc_per_seed=acc.tolist(), seeds=list(seeds))
+
+
+def tsne_embedding(features, seed, max_iter=500):
+    """features: (N, d) -> (N, 2) Barnes-Hut t-SNE; 500 iterations, measured in benchmarks/speed.py."""
+    tsne = TSNE(n_components=2, init="pca", random_state=seed, max_iter=max_iter, n_jobs=-1)
+    return tsne.fit_transform(np.asarray(features, dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- plotting
+# Figures are built on matplotlib.figure.Figure, not pyplot: no global state, nothing ever "shown".
+
+
+def save_figure(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def plot_training_curves(history, path, schedule_name, schedule_values=None):
+    """Recon, KL and total per epoch, with the beta (or capacity) schedule on a second axis."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ep = [h["epoch"] for h in history]
+    for key, label in [("total", "train total (-ELBO)"), ("recon", "train recon"), ("test_neg_elbo", "test -ELBO")]:
+        ax.plot(ep, [h[key] for h in history], marker=".", label=label)
+    ax.set(xlabel="epoch", ylabel="nats per image")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [h["kl"] for h in history], color="tab:red", marker=".", label="train KL")
+    t, v = schedule_values if schedule_values is not None else (ep, [h["beta"] for h in history])
+    ax2.plot(t, v, color="gray", ls="--", label=schedule_name)
+    ax2.set_ylabel(f"KL (nats) and {schedule_name}")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title("Training curves")
+    return save_figure(fig, path)
+
+
+def plot_latent_distribution(mu, y, path, title, class_names):
+    """mu: (N, z) -> histograms of up to 10 dims against N(0, 1), plus a PCA view coloured by class."""
+    mu = np.asarray(mu)
+    dims = np.argsort(-mu.var(0))[:10]
+    fig = Figure(figsize=(15, 5.5))
+    grid = fig.add_gridspec(2, 7)
+    grid_x = np.linspace(-4, 4, 200)
+    for j, d in enumerate(dims):
+        ax = fig.add_subplot(grid[j // 5, j % 5])
+        ax.hist(mu[:, d], bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.7)
+        ax.plot(grid_x, np.exp(-grid_x ** 2 / 2) / np.sqrt(2 * np.pi), color="k", lw=1)
+        ax.set_title(f"z{d}  var {mu[:, d].var():.2f}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    ax = fig.add_subplot(grid[:, 5:])
+    pc = PCA(n_components=2).fit_transform(mu) if mu.shape[1] > 1 else np.c_[mu[:, 0], np.zeros(len(mu))]
+    scatter_by_class(ax, pc, y, class_names)
+    ax.set_title("first two principal components of μ", fontsize=9)
+    fig.suptitle(title + "  (black: N(0, 1))")
+    return save_figure(fig, path)
+
+
+def scatter_by_class(ax, points, labels, names):
+    labels = np.asarray(labels)
+    for c, name in enumerate(names):
+        m = labels == c
+        ax.scatter(points[m, 0], points[m, 1], s=2, color=f"C{c}", label=name)
+    ax.legend(markerscale=5, fontsize=7, loc="best")
+
+
+def plot_embedding(points, labels, path, title, names):
+    """points: (N, 2) -> scatter coloured by labels (true classes or relabelled clusters)."""
+    fig = Figure(figsize=(7, 6.5))
+    ax = fig.subplots()
+    scatter_by_class(ax, points, labels, names)
+    ax.set(title=title, xticks=[], yticks=[])
+    return save_figure(fig, path)
+
+
+def plot_confusion(y_true, y_pred, path, names):
+    """True class against relabelled cluster, with counts."""
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(len(names)))
+    fig = Figure(figsize=(7, 6))
+    ax = fig.subplots()
+    ax.imshow(cm, cmap="Blues")
+    for i, j in np.ndindex(cm.shape):
+        ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="cluster (Hungarian-relabelled)",
+           ylabel="true class", title=f"KMeans on latent means: ACC {np.mean(y_true == y_pred):.3f}")
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticklabels(names, fontsize=7)
+    return save_figure(fig, path)
+
+
+def image_grid(images, path, nrow):
+    """images: (N, 784) in [0, 1] -> saves a make_grid PNG and returns the (3, H, W) grid."""
+    grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    save_image(grid, path)
+    return grid
+
+
+def reconstruction_pairs(x, x_hat, per_row=10):
+    """x, x_hat: (N, 784) -> (2N, 784) ordered so each row of originals sits above its reconstructions."""
+    n = x.shape[0] // per_row * per_row
+    rows = torch.stack([x[:n].reshape(-1, per_row, 784), x_hat[:n].reshape(-1, per_row, 784)], dim=1)
+    return rows.reshape(-1, 784)
+
+
+def plot_kl_per_dim(kl, active, path):
+    """kl, active: (z,) -> bars sorted by KL, inactive dimensions greyed."""
+    kl, active = np.asarray(kl), np.asarray(active)
+    order = np.argsort(-kl)
+    fig = Figure(figsize=(max(5, 0.5 * len(kl)), 3.8))
+    ax = fig.subplots()
+    ax.bar(range(len(kl)), kl[order], color=["tab:blue" if a else "lightgray" for a in active[order]])
+    ax.set_xticks(range(len(kl)), [f"z{d}" for d in order], fontsize=8)
+    ax.set(ylabel="test KL (nats)", title=f"KL per latent dimension: {active.sum()} of {len(kl)} active "
+                                          f"(Cov_x E[z|x] > 0.01; grey = inactive)")
+    return save_figure(fig, path)
+
+
+def plot_traversals(images, dims, kl, active, values, path):
+    """images: (len(dims), D, V, 784) -> one block of rows per dimension, labelled with its KL."""
+    n_dims, n_digits, n_vals, _ = images.shape
+    grid = make_grid(images.reshape(-1, 1, 28, 28), nrow=n_vals, padding=2, pad_value=1.0)[0]
+    fig = Figure(figsize=(n_vals * 0.55 + 1.6, n_dims * n_digits * 0.55))
+    ax = fig.subplots()
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    row_h = grid.shape[0] / (n_dims * n_digits)
+    ax.set_yticks([(r + 0.5) * n_digits * row_h for r in range(n_dims)],
+                  [f"z{d} KL {kl[d]:.2f}" + ("" if active[d] else "\n(inactive)") for d in dims], fontsize=7)
+    ax.set_xticks([(i + 0.5) * grid.shape[1] / n_vals for i in range(n_vals)], [f"{v:+.1f}" for v in values],
+                  fontsize=6)
+    ax.set_title("Latent traversals of μ(x), ordered by KL", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_beta_sweep(rows, path):
+    """rows: one dict per beta -> rate-distortion, ACC/NMI against beta, active units against beta."""
+    b = [r["beta"] for r in rows]
+    fig = Figure(figsize=(15, 4.2))
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    ax1.plot([r["kl"] for r in rows], [r["recon"] for r in rows], marker="o")
+    for r in rows:
+        ax1.annotate(f"β={r['beta']:g}", (r["kl"], r["recon"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax1.set(xlabel="rate: test KL (nats)", ylabel="distortion: test recon (nats)", title="Rate-distortion")
+    for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
+        ax2.errorbar(b, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], marker="o",
+                     capsize=3, label=label)
+    ax2.set(xscale="log", xlabel="β", ylabel="score", title="KMeans on latent means (mean ± std over seeds)")
+    ax2.legend()
+    ax3.plot(b, [r["active_units"] for r in rows], marker="o")
+    ax3.set(xscale="log", xlabel="β", ylabel="active units", title="Active units")
+    return save_figure(fig, path)
