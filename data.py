@@ -140,6 +140,7 @@ def write_verified(folder, files, md5):
     for name, payload in files.items():
         if hashlib.md5(payload).hexdigest() != md5[name]:
             raise DataError(f"rebuilt {name} does not match the official md5")
+    folder.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
         atomic_write_bytes(folder / name, payload)
 

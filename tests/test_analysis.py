@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import utils
+from model import BetaVAE, VAEConfig
+
+
+@settings(max_examples=100, deadline=None)
+@given(perm=st.permutations(list(range(10))), seed=st.integers(0, 2 ** 16))
+def test_hungarian_relabelling_of_a_permuted_labelling_is_perfect(perm, seed):
+    y = np.random.default_rng(seed).integers(0, 10, size=300)
+    pred = np.array(perm)[y]
+    assert utils.cluster_accuracy(y, pred) == 1.0
+    assert np.array_equal(utils.hungarian_relabel(y, pred), y)
+
+
+def test_cluster_accuracy_counts_the_best_matching_only():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    pred = np.array([1, 1, 0, 0, 0, 0])  # best map 1->0, 0->1: 2 + 3 right
+    assert utils.cluster_accuracy(y, pred) == pytest.approx(5 / 6)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "gmm"])
+def test_planted_clusters_are_recovered(method):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 5)) * 20
+    y = np.repeat(np.arange(10), 60)
+    x = centres[y] + rng.normal(size=(600, 5))
+    s = utils.clustering_scores(x, y, method, seeds=range(3))
+    assert s["acc_mean"] > 0.99 and s["nmi_mean"] > 0.98 and s["ari_mean"] > 0.98
+    noise = utils.clustering_scores(rng.normal(size=(600, 5)), y, method, seeds=range(3))
+    assert noise["acc_mean"] < 0.3 and noise["nmi_mean"] < 0.1
+
+
+def test_active_units_on_a_synthetic_encoder_with_known_variances():
+    torch.manual_seed(0)
+    std = torch.tensor([0.0, 0.05, 0.09, 0.11, 0.5, 1.0])  # variances 0, .0025, .0081, .0121, .25, 1
+    mu = torch.randn(20000, 6) * std
+    assert utils.active_units(mu).tolist() == [False, False, False, True, True, True]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return BetaVAE(VAEConfig(hidden=(32, 16), latent_dim=3))
+
+
+def test_iw_bound_with_one_sample_matches_the_elbo_in_expectation():
+    m, x = tiny_model(), (torch.rand(400, 784) > 0.5).float()
+    elbo = -utils.evaluate(m, x, "bce")["neg_elbo"]
+    iw1 = torch.stack([utils.iw_log_likelihood(m, x, 1, "bce", seed=s) for s in range(30)]).mean()
+    assert iw1.item() == pytest.approx(elbo, abs=0.5)
+
+
+def test_iw_bound_never_decreases_with_k():
+    m, x = tiny_model(), (torch.rand(100, 784) > 0.5).float()
+    ll = [utils.iw_log_likelihood(m, x, k, "bce", seed=1).mean().item() for k in (1, 5, 50, 500)]
+    assert all(b >= a - 0.05 for a, b in zip(ll, ll[1:]))
+    assert ll[-1] > ll[0]
+
+
+def test_iw_bound_is_stable_in_log_space():
+    m = tiny_model()
+    x = torch.ones(3, 784)  # log-weights near -500 would underflow exp() without logsumexp
+    ll = utils.iw_log_likelihood(m, x, 20, "bce")
+    assert torch.isfinite(ll).all() and (ll < -100).all()
+
+
+def test_traversal_changes_only_the_swept_dimension():
+    m = tiny_model()
+    anchors = torch.randn(2, 3)
+    values = [-3.0, 0.0, 3.0]
+    imgs = utils.traversal_images(m, anchors, dims=[2, 0], values=values)
+    assert imgs.shape == (2, 2, 3, 784)
+    z = m.decode  # decode z by hand: dim 2 swept, dims 0 and 1 held at the anchor
+    want = anchors[1].clone()
+    want[2] = 3.0
+    torch.testing.assert_close(imgs[0, 1, 2], torch.sigmoid(z(want)))
+    assert not torch.allclose(imgs[0, 0, 0], imgs[0, 0, 2])
+
+
+def test_interpolation_endpoints_are_the_two_codes():
+    m = tiny_model()
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    imgs = utils.interpolation_images(m, a, b, 5)
+    assert imgs.shape == (4, 5, 784)
+    with torch.no_grad():
+        torch.testing.assert_close(imgs[:, 0], torch.sigmoid(m.decode(a)))
+        torch.testing.assert_close(imgs[:, -1], torch.sigmoid(m.decode(b)))
+
+
+def test_reconstruction_pairs_put_originals_above_reconstructions():
+    x, x_hat = torch.zeros(20, 784), torch.ones(20, 784)
+    rows = utils.reconstruction_pairs(x, x_hat, per_row=10).reshape(4, 10, 784)
+    assert rows[0].sum() == 0 and rows[1].min() == 1 and rows[2].sum() == 0 and rows[3].min() == 1
+
+
+def test_loss_table_round_trips():
+    hist = [dict(epoch=1, beta=0.0, total=135.114, recon=121.17, kl=13.93, grad_norm=67.79, test_neg_elbo=120.5,
+                 seconds=3.21)]
+    row = utils.parse_loss_table(utils.loss_table(hist))[0]
+    assert row == dict(epoch=1, beta=0.0, total=135.11, recon=121.17, kl=13.93, grad_norm=67.79,
+                       test_neg_elbo=120.5, seconds=3.2)
+
+
+def test_train_epoch_stops_on_non_finite_loss_naming_epoch_and_batch():
+    import argparse
+    m = tiny_model()
+    args = argparse.Namespace(batch_size=10, epochs=1, schedule="constant", beta_max=1.0, free_bits=0.0,
+                              loss="bce", lr=1e-3, lr_schedule="constant")
+    x = torch.rand(100, 784)
+    x[37] = float("nan")
+    torch.manual_seed(0)
+    perm = torch.randperm(100)
+    batch = int((perm == 37).nonzero()) // 10 + 1
+    torch.manual_seed(0)
+    with pytest.raises(utils.NonFiniteLoss, match=f"epoch 1, batch {batch}$"):
+        utils.train_epoch(m, utils.make_optimizer(m, 1e-3), x, args, epoch=1, show_progress=False)

@@ -1,0 +1,169 @@
+"""The real pipeline, run quickly: outputs, determinism, resume, Ctrl-C, NaN, bad flags, checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import utils
+from conftest import DATA_DIR, QUICK, ROOT, run_cli
+
+OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt", "config.json"] + [
+    f"samples/{f}.png" for f in ("train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean",
+                                 "confusion", "tsne", "generated_num", "reconstructions", "kl_per_dim",
+                                 "traversals", "interpolations")]
+
+
+def table_without_seconds(path):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in utils.parse_loss_table(path.read_text())]
+
+
+@pytest.fixture(scope="module")
+def quick_run(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    assert run_cli(QUICK + ["--epochs", "2", "--out-dir", out]) == 0
+    return out
+
+
+def test_quick_run_writes_every_output(quick_run):
+    missing = [f for f in OUTPUTS if not (quick_run / f).is_file()]
+    assert not missing
+    rows = utils.parse_loss_table((quick_run / "loss.txt").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["total"] == pytest.approx(rows[0]["recon"] + rows[0]["kl"], abs=0.011)
+    assert rows[1]["test_neg_elbo"] < rows[0]["test_neg_elbo"] < 550
+
+
+def test_metrics_hold_every_headline_number(quick_run):
+    m = json.loads((quick_run / "metrics.json").read_text())
+    assert 50 < m["test_neg_elbo"] < 300
+    assert -m["test_neg_elbo"] - 1 <= m["test_iw_log_likelihood"] < 0  # IW bound sits above the ELBO
+    assert 0 <= m["active_units"] <= 10 and len(m["kl_per_dim"]) == 10
+    for method in ("kmeans_latent", "gmm_latent", "kmeans_tsne"):
+        s = m["clustering"][method]
+        assert 0.1 < s["acc_mean"] <= 1 and s["acc_std"] >= 0 and 0 <= s["nmi_mean"] <= 1 and "ari_mean" in s
+    assert m["config"]["epochs"] == 2 and set(m["timings"]) >= {"data", "train", "tsne", "clustering", "total"}
+
+
+def test_same_seed_gives_identical_loss_txt(quick_run, tmp_path):
+    assert run_cli(QUICK + ["--epochs", "2", "--out-dir", tmp_path]) == 0
+    assert table_without_seconds(tmp_path / "loss.txt") == table_without_seconds(quick_run / "loss.txt")
+
+
+def test_analyze_only_rebuilds_figures_from_a_checkpoint(quick_run, tmp_path):
+    assert run_cli(QUICK + ["--analyze-only", quick_run / "checkpoint.pt", "--out-dir", tmp_path]) == 0
+    a = json.loads((tmp_path / "metrics.json").read_text())
+    b = json.loads((quick_run / "metrics.json").read_text())
+    assert a["test_neg_elbo"] == pytest.approx(b["test_neg_elbo"], abs=1e-4)
+    assert (tmp_path / "samples" / "traversals.png").is_file() and not (tmp_path / "loss.txt").exists()
+
+
+def test_sigint_mid_training_then_resume_matches_uninterrupted_run(mnist_dir, tmp_path):
+    argv = QUICK + ["--epochs", "3", "--limit", "20000"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_cli(argv + ["--out-dir", ref]) == 0
+    proc = subprocess.Popen([sys.executable, "demo_script.py", *argv, "--out-dir", str(cut)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (cut / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    done = utils.load_checkpoint(cut / "checkpoint.pt")["epoch"]
+    assert 1 <= done < 3
+    assert len(utils.parse_loss_table((cut / "loss.txt").read_text())) == done
+    assert run_cli(argv + ["--out-dir", cut, "--resume"]) == 0
+    assert table_without_seconds(cut / "loss.txt") == table_without_seconds(ref / "loss.txt")
+
+
+def test_nan_stops_training_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
+    real = utils.get_lr
+    monkeypatch.setattr(utils, "get_lr", lambda t, args: float("nan") if t >= 1 else real(t, args))
+    assert run_cli(QUICK + ["--epochs", "3", "--out-dir", tmp_path]) == 1
+    assert "epoch 2, batch 2" in capsys.readouterr().err
+    assert utils.load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert len(utils.parse_loss_table((tmp_path / "loss.txt").read_text())) == 1
+
+
+BAD = [
+    (["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"), (["--latent-dim", "-1"], "--latent-dim"),
+    (["--hidden", "512", "0"], "--hidden"), (["--beta-max", "-0.5"], "--beta-max"), (["--free-bits", "-1"], "--free-bits"),
+    (["--lr", "-1e-3"], "--lr"), (["--warmup-epochs", "-1"], "--warmup-epochs"), (["--limit", "70000"], "--limit"),
+    (["--limit", "100", "--batch-size", "128"], "--limit"), (["--device", "tpu"], "--device"),
+    (["--device", "cuda"], "--device"), (["--tsne-points", "5"], "--tsne-points"),
+    (["--tsne-points", "20000"], "--tsne-points"), (["--epochs", "three"], "--epochs"),
+    (["--iw-samples", "0"], "--iw-samples"), (["--cycle-ratio", "0"], "--cycle-ratio"),
+]
+
+
+@pytest.mark.parametrize("flags,name", BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_bad_values_exit_2_with_one_line_and_touch_nothing(flags, name, tmp_path, capsys):
+    if flags == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    assert run_cli(["--out-dir", out, "--data-dir", data_dir, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err
+    assert not out.exists() and not data_dir.exists()
+
+
+def test_unwritable_out_dir_is_refused(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_cli(["--out-dir", blocker / "sub", "--data-dir", tmp_path / "d"]) == 2
+    assert "--out-dir" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, quick_run, capsys):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes((quick_run / "checkpoint.pt").read_bytes()[:5000])
+    assert run_cli(QUICK + ["--analyze-only", bad, "--out-dir", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_resume_with_a_different_model_names_the_field(tmp_path, quick_run, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes((quick_run / "checkpoint.pt").read_bytes())
+    assert run_cli(QUICK + ["--epochs", "2", "--latent-dim", "4", "--resume", "--out-dir", tmp_path]) == 2
+    assert "latent_dim" in capsys.readouterr().err
+
+
+def test_checkpoint_loads_with_weights_only(quick_run):
+    state = torch.load(quick_run / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["config"]["latent_dim"] == 10 and len(state["history"]) == 2
+
+
+@pytest.mark.parametrize("schedule", ["cyclical", "capacity", "constant"])
+def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule):
+    assert run_cli(QUICK + ["--epochs", "2", "--schedule", schedule, "--out-dir", tmp_path]) == 0
+    rows = utils.parse_loss_table((tmp_path / "loss.txt").read_text())
+    assert len(rows) == 2 and all(r["total"] > 0 for r in rows)
+
+
+def test_beta_sweep_writes_table_and_figure_and_skips_finished_runs(mnist_dir, tmp_path, capsys):
+    argv = QUICK + ["--beta-sweep", "0.5", "2", "--out-dir", tmp_path]
+    assert run_cli(argv) == 0
+    table = (tmp_path / "beta_sweep.txt").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0.5 |") and table[3].startswith("| 2 |")
+    assert (tmp_path / "samples" / "beta_sweep.png").is_file()
+    kl = [float(r.split("|")[3]) for r in table[2:]]
+    assert kl[0] > kl[1]  # a larger beta buys a smaller rate
+    stamp = (tmp_path / "beta_2" / "checkpoint.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli(argv) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert (tmp_path / "beta_2" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert (tmp_path / "beta_sweep.txt").read_text().splitlines() == table
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_runs_end_to_end(tmp_path):
+    assert run_cli(QUICK + ["--dataset", "fashion-mnist", "--out-dir", tmp_path]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["dataset"] == "fashion-mnist" and (tmp_path / "samples" / "tsne.png").is_file()
