@@ -486,6 +486,8 @@ def plot_traversals(images, dims, kl, active, values, path):
     ax = fig.subplots()
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
     row_h = grid.shape[0] / (n_dims * n_digits)
+    for r in range(1, n_dims):
+        ax.axhline(r * n_digits * row_h, color="tab:red", lw=1.5)
     ax.set_yticks([(r + 0.5) * n_digits * row_h for r in range(n_dims)],
                   [f"z{d} KL {kl[d]:.2f}" + ("" if active[d] else "\n(inactive)") for d in dims], fontsize=7)
     ax.set_xticks([(i + 0.5) * grid.shape[1] / n_vals for i in range(n_vals)], [f"{v:+.1f}" for v in values],

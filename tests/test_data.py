@@ -149,6 +149,7 @@ def test_fashion_mnist_from_a_local_gz_fixture(tmp_path, monkeypatch):
 def test_real_mnist_is_byte_identical_to_the_official_files(mnist_dir):
     folder = data.raw_dir(mnist_dir, "mnist")
     assert data.bad_files(folder, data.DATASETS["mnist"]["md5"]) == []
+    assert data.ensure_dataset(mnist_dir, "mnist", sources=[]) == folder  # a verified cache: nothing is fetched
     train_x, train_y, test_x, test_y = data.load_mnist(mnist_dir)
     assert train_x.shape == (60000, 784) and test_x.shape == (10000, 784)
     assert train_y[:8].tolist() == [5, 0, 4, 1, 9, 2, 1, 3] and test_y[:4].tolist() == [7, 2, 1, 0]
