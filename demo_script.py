@@ -2,6 +2,7 @@
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -15,9 +16,12 @@ import utils
 from model import BetaVAE, VAEConfig
 
 # Flags that define the trained model: a checkpoint resumed with any of them changed would not be the same run.
-RUN_FIELDS = ["dataset", "latent_dim", "hidden", "loss", "epochs", "batch_size", "limit", "beta_max", "schedule",
+RUN_FIELDS = ("dataset", "latent_dim", "hidden", "loss", "epochs", "batch_size", "limit", "beta_max", "schedule",
               "warmup_epochs", "cycles", "cycle_ratio", "gamma", "capacity_max", "free_bits", "lr", "lr_schedule",
-              "seed"]
+              "seed")
+# What --analyze-only takes from the command line; everything else comes from the checkpoint it analyses.
+ANALYSIS_FIELDS = ("tsne_points", "iw_samples", "kmeans_seeds", "device", "data_dir", "out_dir", "no_progress",
+                   "analyze_only", "resume", "beta_sweep")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,7 +60,8 @@ def build_parser():
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
     a("--kmeans-seeds", type=int, default=10, help="clustering runs per method (default: 10)")
     a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
-    a("--analyze-only", metavar="PATH", default=None, help="load a checkpoint and only run the analysis")
+    a("--analyze-only", metavar="PATH", default=None,
+      help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
     a("--beta-sweep", type=float, nargs="+", default=None, metavar="BETA",
       help="train one model per beta into OUT_DIR/beta_<b>/ and compare them (default: off)")
     a("--no-progress", action="store_true", help="hide the tqdm bars (default: shown)")
@@ -73,7 +78,9 @@ def nearest_existing(path):
 def invalid_flag(args):
     """-> a message naming the first flag outside its valid range, or None. Touches no file."""
     n_train, n_test = data.DATASETS[args.dataset]["n_train"], 10000
-    checks = [
+    floats = ["beta_max", "free_bits", "lr", "cycle_ratio", "gamma", "capacity_max"]
+    checks = [(math.isfinite(getattr(args, f)), f"--{f.replace('_', '-')} must be a finite number") for f in floats]
+    checks += [
         (args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.latent_dim >= 1, "--latent-dim must be >= 1"), (min(args.hidden) >= 1, "--hidden sizes must be >= 1"),
         (args.beta_max >= 0, "--beta-max must be >= 0"), (args.free_bits >= 0, "--free-bits must be >= 0"),
@@ -83,8 +90,12 @@ def invalid_flag(args):
         (args.limit is None or args.batch_size <= args.limit <= n_train,
          f"--limit must be between --batch-size ({args.batch_size}) and {n_train}"),
         (100 <= args.tsne_points <= n_test, f"--tsne-points must be between 100 and {n_test}"),
-        (args.iw_samples >= 1, "--iw-samples must be >= 1"), (args.kmeans_seeds >= 1, "--kmeans-seeds must be >= 1"),
-        (args.beta_sweep is None or min(args.beta_sweep) >= 0, "--beta-sweep values must be >= 0"),
+        (1 <= args.iw_samples <= 10000, "--iw-samples must be between 1 and 10000"),
+        (args.kmeans_seeds >= 1, "--kmeans-seeds must be >= 1"), (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),
+        (args.beta_sweep is None or all(0 <= b < math.inf for b in args.beta_sweep), "--beta-sweep values must be >= 0"),
+        (not (args.beta_sweep and (args.resume or args.analyze_only)),
+         "--beta-sweep resumes by itself and cannot be combined with --resume or --analyze-only"),
+        (not (args.resume and args.analyze_only), "--resume and --analyze-only cannot be combined"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -136,10 +147,13 @@ def train(args, model, opt, train_x, test_x, out, history, start_epoch):
         t0 = time.time()
         stats = utils.train_epoch(model, opt, train_x, args, epoch, show_progress=not args.no_progress)
         test = utils.evaluate(model, test_x, args.loss)
+        if not math.isfinite(test["neg_elbo"]):
+            raise utils.NonFiniteLoss(f"non-finite test loss after the last step of epoch {epoch}")
         history.append(dict(epoch=epoch, beta=utils.get_beta(epoch - 1, args), **stats,
                             test_neg_elbo=test["neg_elbo"], seconds=time.time() - t0))
-        utils.write_text(out / "loss.txt", utils.loss_table(history))
-        utils.save_checkpoint(out / "checkpoint.pt", utils.checkpoint_state(model, opt, epoch, vars(args), history))
+        with utils.sigint_deferred():  # loss.txt and checkpoint.pt always describe the same epoch
+            utils.write_text(out / "loss.txt", utils.loss_table(history))
+            utils.save_checkpoint(out / "checkpoint.pt", utils.checkpoint_state(model, opt, epoch, vars(args), history))
         h = history[-1]
         print(f"epoch {epoch:3d}  beta {h['beta']:.3f}  total {h['total']:.2f}  recon {h['recon']:.2f}  "
               f"kl {h['kl']:.2f}  grad {h['grad_norm']:.1f}  test -ELBO {h['test_neg_elbo']:.2f}  "
@@ -212,53 +226,71 @@ def print_summary(metrics, timings, title):
 
 
 def load_for_analysis(path, device):
-    """Checkpoint -> (model, config dict); CheckpointError when its weights do not fit its config."""
+    """Checkpoint -> (model, checkpoint dict); CheckpointError when its weights do not fit its config."""
     state = utils.load_checkpoint(path)
-    model = BetaVAE(model_config(state["config"])).to(device)
+    try:
+        model = BetaVAE(model_config(state["config"])).to(device)
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        raise utils.CheckpointError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
+    return model, state
+
+
+def checked_state(args):
+    """The checkpoint this run continues or analyses, verified before any file is touched (None for a new run)."""
+    if args.analyze_only:
+        return load_for_analysis(args.analyze_only, "cpu")[1]
+    if not args.resume:
+        return None
+    path = Path(args.out_dir) / "checkpoint.pt"
+    state = utils.load_checkpoint(path)
+    if not {"optimizer", "history", "torch_rng", "numpy_rng", "python_rng"} <= set(state):
+        raise utils.CheckpointError(f"{path} holds no training state to resume from")
+    mismatch = utils.config_mismatch(state["config"], vars(args), RUN_FIELDS)
+    if mismatch:
+        raise utils.CheckpointError(mismatch)
+    return state
+
+
+def resume_from(state, model, opt):
+    """Load weights, optimiser and RNG states -> (history, first epoch to train)."""
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise utils.CheckpointError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})")
-    return model, state
+        opt.load_state_dict(state["optimizer"])
+        utils.restore_rng(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise utils.CheckpointError(f"checkpoint cannot be resumed: {str(e).splitlines()[0]}") from None
+    return state["history"], state["epoch"] + 1
 
 
 def run(args):
     """One full run: data, training (or resume / analyze-only), analysis, files -> metrics dict."""
-    out, timings, t_start = Path(args.out_dir), {}, time.time()
+    state, timings, t_start = checked_state(args), {}, time.time()
+    config = {**state["config"], **{k: vars(args)[k] for k in ANALYSIS_FIELDS}} if args.analyze_only else vars(args)
+    cfg, out, device = argparse.Namespace(**config), Path(args.out_dir), utils.resolve_device(args.device)
     samples = out / "samples"
-    samples.mkdir(parents=True, exist_ok=True)
-    device = utils.resolve_device(args.device)
     with timed(timings, "data"):
-        train_x, _, test_x, test_y = data.load_dataset(args.data_dir, args.dataset)
-        train_x, test_x = train_x[:args.limit].to(device), test_x.to(device)
-    classes = data.DATASETS[args.dataset]["classes"]
-    utils.set_seed(args.seed)
+        train_x, _, test_x, test_y = data.load_dataset(cfg.data_dir, cfg.dataset)
+        train_x, test_x = train_x[:cfg.limit].to(device), test_x.to(device)
+    classes = data.DATASETS[cfg.dataset]["classes"]
+    samples.mkdir(parents=True, exist_ok=True)
+    utils.set_seed(cfg.seed)
+    model = BetaVAE(model_config(config)).to(device)
     if args.analyze_only:
-        model, state = load_for_analysis(args.analyze_only, device)
-        history, config = state["history"], state["config"]
+        model.load_state_dict(state["model"])
+        history = state["history"]
     else:
-        config = vars(args)
         utils.write_json(out / "config.json", config)
-        model = BetaVAE(model_config(config)).to(device)
-        opt = utils.make_optimizer(model, args.lr)
-        history, start = [], 1
-        if args.resume:
-            state = utils.load_checkpoint(out / "checkpoint.pt")
-            mismatch = utils.config_mismatch(state["config"], config, RUN_FIELDS)
-            if mismatch:
-                raise utils.CheckpointError(mismatch)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            utils.restore_rng(state)
-            history, start = state["history"], state["epoch"] + 1
-            print(f"resuming after epoch {state['epoch']} from {out / 'checkpoint.pt'}")
+        opt = utils.make_optimizer(model, cfg.lr)
+        history, start = resume_from(state, model, opt) if state else ([], 1)
+        if state:
+            print(f"resuming after epoch {start - 1} from {out / 'checkpoint.pt'}")
         else:
             mu, _ = utils.encode_means(model, test_x)
             utils.plot_latent_distribution(mu, test_y.numpy(), samples / "latent_dist_before_train.png",
                                            "Test latent means before training", classes)
         with timed(timings, "train"):
-            train(args, model, opt, train_x, test_x, out, history, start)
-    cfg = argparse.Namespace(**config)
+            train(cfg, model, opt, train_x, test_x, out, history, start)
     utils.plot_training_curves(history, samples / "train_loss.png",
                                "capacity C" if cfg.schedule == "capacity" else "β", schedule_curve(cfg))
     metrics, analysis_timings = analyze(model, test_x, test_y, cfg, samples, classes)
@@ -285,8 +317,12 @@ def beta_sweep(args):
         sub.beta_max, sub.beta_sweep, sub.out_dir = beta, None, str(out / f"beta_{beta:g}")
         done = Path(sub.out_dir) / "metrics.json"
         if done.is_file():
+            metrics = json.loads(done.read_text())
+            mismatch = utils.config_mismatch(metrics["config"], vars(sub), RUN_FIELDS)
+            if mismatch:
+                raise utils.CheckpointError(f"{done}: {mismatch}; use another --out-dir")
             print(f"beta={beta:g}: finished earlier, reading {done}")
-            rows.append(sweep_row(beta, json.loads(done.read_text())))
+            rows.append(sweep_row(beta, metrics))
             continue
         sub.resume = (Path(sub.out_dir) / "checkpoint.pt").is_file()
         rows.append(sweep_row(beta, run(sub)))
@@ -305,6 +341,9 @@ def main(argv=None):
     try:
         return beta_sweep(args) if args.beta_sweep else run(args)
     except KeyboardInterrupt:
+        if args.beta_sweep:
+            sys.stderr.write("\ninterrupted; re-run the same --beta-sweep command to continue where it stopped\n")
+            sys.exit(130)
         ckpt = Path(args.out_dir) / "checkpoint.pt"
         where = f"last complete checkpoint: {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
         sys.stderr.write(f"\ninterrupted; {where}. Resume with: python demo_script.py --resume "
@@ -313,6 +352,9 @@ def main(argv=None):
     except (utils.NonFiniteLoss, utils.CheckpointError, data.DataError) as e:
         sys.stderr.write(f"demo_script.py: error: {e}\n")
         sys.exit(1 if isinstance(e, utils.NonFiniteLoss) else 2)
+    except OSError as e:  # a full disk or a vanished folder: say which file, not a traceback
+        sys.stderr.write(f"demo_script.py: error: {e.strerror or e}: {e.filename or ''}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ class VAEConfig:
 
 
 def mlp(sizes):
-    """ReLU between every pair of Linear layers, none after the last."""
+    """sizes [d0, ..., dn] -> Linear layers (B, d0) -> (B, dn), ReLU between them, none after the last."""
     layers = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
@@ -23,6 +23,8 @@ def mlp(sizes):
 
 
 class BetaVAE(nn.Module):
+    """Gaussian encoder q(z|x), Bernoulli-logit decoder p(x|z), prior N(0, I)."""
+
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config

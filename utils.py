@@ -46,14 +46,18 @@ def resolve_device(name):
 @contextmanager
 def sigint_deferred():
     """Hold Ctrl-C until the block ends, so a file being written is always finished first."""
-    can_block = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-    if can_block:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread, which is where Ctrl-C lands
+        return
+    caught = []
+    # A handler, not pthread_sigmask: torch's own threads would still take the signal and interrupt the write.
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
     try:
         yield
     finally:
-        if can_block:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # deliver it now: KeyboardInterrupt, or an outer block's record
 
 
 def atomic_save(path, write):
@@ -64,6 +68,8 @@ def atomic_save(path, write):
         os.close(fd)
         try:
             write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
@@ -71,10 +77,12 @@ def atomic_save(path, write):
 
 
 def write_text(path, text):
+    """Atomically replace a text file."""
     atomic_save(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path, obj):
+    """Atomically replace a JSON file."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -88,7 +96,8 @@ def kl_per_dim(mu, logvar):
 
 
 def recon_per_image(logits, x, kind):
-    """logits, x: (..., 784) -> (...,) -log p(x|z): Bernoulli (bce) or unit-scale Gaussian (mse), summed over pixels."""
+    """logits, x: (..., 784) -> (...,) per-image loss summed over pixels: BCE = -log Bernoulli p(x|z), or MSE."""
+    # MSE is a Gaussian -log p(x|z) only up to a scale and a constant: its "ELBO" and IW numbers are not likelihoods.
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").sum(-1)
     return F.mse_loss(torch.sigmoid(logits), x, reduction="none").sum(-1)
@@ -156,8 +165,14 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
     n, bs = x.shape[0], args.batch_size
     steps = math.ceil(n / bs)
     perm = torch.randperm(n, device=x.device)
-    sums = torch.zeros(3, device=x.device)  # recon * b, kl * b, grad norm; read once per refresh, not per step
-    first_bad = torch.full((), -1, device=x.device)
+    params = list(model.parameters())
+    # Each step's recon, kl, grad norm and loss stay 0-d tensors in `rows`: no tensor op, no host sync per step.
+    # Every 50 steps they are stacked once, checked for NaN/inf (naming the first bad batch) and added to `sums`
+    # with weights (batch size, batch size, 1), so recon and kl average over images and the norm over steps.
+    weights = torch.ones(steps, 3, dtype=torch.float64, device=x.device)
+    weights[:, :2] = bs
+    weights[-1, :2] = n - (steps - 1) * bs
+    rows, done, sums = [], 0, torch.zeros(3, dtype=torch.float64, device=x.device)
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not show_progress)
     for i in bar:
         t = epoch - 1 + i / steps
@@ -169,18 +184,20 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
         loss = objective(recon, kl, kl_fb, t, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        # max_norm=inf: clip_grad_norm_ only measures (foreach, one pass) the norm before the step.
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        # The norm before the step, only measured: clip_grad_norm_(max_norm=inf) measured the same value but
+        # then multiplied every gradient by 1.0, a whole extra pass (see benchmarks/train_variants.py).
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
-        step_stats = torch.stack([recon.detach() * xb.shape[0], kl.detach() * xb.shape[0], gnorm])
-        sums += step_stats
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_stats.sum() + loss.detach()), i, first_bad)
+        rows.append((recon.detach(), kl.detach(), gnorm, loss.detach()))
         if i % 50 == 49 or i == steps - 1:
-            if first_bad.item() >= 0:
-                raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {first_bad.item() + 1}")
-            seen = min(n, (i + 1) * bs)
-            bar.set_postfix(loss=f"{(sums[0] + sums[1]).item() / seen:.2f}")
-    recon, kl, gnorm = (sums / torch.tensor([n, n, steps], device=x.device)).tolist()
+            block = torch.stack([torch.stack(col) for col in zip(*rows)], dim=1).double()  # (steps since, 4)
+            bad = (~block.isfinite().all(1)).nonzero()
+            if bad.numel():
+                raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {done + int(bad[0]) + 1}")
+            sums += (block[:, :3] * weights[done:i + 1]).sum(0)
+            rows, done = [], i + 1
+            bar.set_postfix(loss=f"{(sums[0] + sums[1]).item() / min(n, done * bs):.2f}")
+    recon, kl, gnorm = (sums / torch.tensor([n, n, steps], dtype=torch.float64, device=x.device)).tolist()
     return dict(total=recon + kl, recon=recon, kl=kl, grad_norm=gnorm)
 
 
@@ -252,10 +269,10 @@ def interpolation_images(model, mu_a, mu_b, steps):
 
 # ----------------------------------------------------------------------------- loss.txt & checkpoints
 
-LOSS_COLUMNS = [("epoch", "Epoch", "{:d}"), ("beta", "β", "{:.3f}"), ("total", "Total Loss", "{:.2f}"),
+LOSS_COLUMNS = (("epoch", "Epoch", "{:d}"), ("beta", "β", "{:.3f}"), ("total", "Total Loss", "{:.2f}"),
                 ("recon", "Recon Loss", "{:.2f}"), ("kl", "KL Divergence", "{:.2f}"),
                 ("grad_norm", "Grad Norm", "{:.2f}"), ("test_neg_elbo", "Test -ELBO", "{:.2f}"),
-                ("seconds", "Seconds", "{:.1f}")]
+                ("seconds", "Seconds", "{:.1f}"))
 
 
 def loss_table(history):
@@ -288,6 +305,7 @@ def checkpoint_state(model, opt, epoch, config, history):
 
 
 def restore_rng(state):
+    """Put the torch, CUDA, numpy and python RNGs back where checkpoint_state found them."""
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -298,6 +316,7 @@ def restore_rng(state):
 
 
 def save_checkpoint(path, state):
+    """Atomically replace a checkpoint file."""
     atomic_save(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -374,12 +393,13 @@ def tsne_embedding(features, seed, max_iter=500):
 
 
 def save_figure(fig, path):
+    """Write the figure as PNG and hand it back, so notebooks can display it."""
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return fig
 
 
 def plot_training_curves(history, path, schedule_name, schedule_values=None):
-    """Recon, KL and total per epoch, with the beta (or capacity) schedule on a second axis."""
+    """history: one dict per epoch -> recon, KL, train total and test -ELBO, with the schedule on a second axis."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     ep = [h["epoch"] for h in history]
@@ -419,6 +439,7 @@ def plot_latent_distribution(mu, y, path, title, class_names):
 
 
 def scatter_by_class(ax, points, labels, names):
+    """points: (N, 2) drawn on ax, one colour and legend entry per class."""
     labels = np.asarray(labels)
     for c, name in enumerate(names):
         m = labels == c
@@ -436,7 +457,7 @@ def plot_embedding(points, labels, path, title, names):
 
 
 def plot_confusion(y_true, y_pred, path, names):
-    """True class against relabelled cluster, with counts."""
+    """y_true, y_pred: (N,) -> confusion matrix of true class against relabelled cluster, with counts."""
     cm = confusion_matrix(y_true, y_pred, labels=np.arange(len(names)))
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
@@ -508,8 +529,10 @@ def plot_beta_sweep(rows, path):
     for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
         ax2.errorbar(b, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], marker="o",
                      capsize=3, label=label)
-    ax2.set(xscale="log", xlabel="β", ylabel="score", title="KMeans on latent means (mean ± std over seeds)")
+    ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means (mean ± std over seeds)")
     ax2.legend()
     ax3.plot(b, [r["active_units"] for r in rows], marker="o")
-    ax3.set(xscale="log", xlabel="β", ylabel="active units", title="Active units")
+    ax3.set(xlabel="β", ylabel="active units", title="Active units")
+    for ax in (ax2, ax3):  # symlog: log-spaced betas, and beta = 0 still has a place
+        ax.set_xscale("symlog", linthresh=min([x for x in b if x > 0] or [1]))
     return save_figure(fig, path)

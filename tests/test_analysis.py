@@ -71,12 +71,16 @@ def test_traversal_changes_only_the_swept_dimension():
     m = tiny_model()
     anchors = torch.randn(2, 3)
     values = [-3.0, 0.0, 3.0]
-    imgs = utils.traversal_images(m, anchors, dims=[2, 0], values=values)
+    dims = [2, 0]
+    imgs = utils.traversal_images(m, anchors, dims=dims, values=values)
     assert imgs.shape == (2, 2, 3, 784)
-    z = m.decode  # decode z by hand: dim 2 swept, dims 0 and 1 held at the anchor
-    want = anchors[1].clone()
-    want[2] = 3.0
-    torch.testing.assert_close(imgs[0, 1, 2], torch.sigmoid(z(want)))
+    for row, d in enumerate(dims):
+        for a in range(2):
+            for v, value in enumerate(values):
+                z = anchors[a].clone()  # the swept dimension set, every other one held at the anchor
+                z[d] = value
+                with torch.no_grad():
+                    torch.testing.assert_close(imgs[row, a, v], torch.sigmoid(m.decode(z)))
     assert not torch.allclose(imgs[0, 0, 0], imgs[0, 0, 2])
 
 

