@@ -63,7 +63,7 @@ def build_parser():
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
     a("--beta-sweep", type=float, nargs="+", default=None, metavar="BETA",
-      help="train one model per beta into OUT_DIR/beta_<b>/ and compare them (default: off)")
+      help="train one model per beta into OUT_DIR/beta_sweep/beta_<b>/ and compare them (default: off)")
     a("--no-progress", action="store_true", help="hide the tqdm bars (default: shown)")
     return p
 
@@ -280,7 +280,6 @@ def run(args):
         model.load_state_dict(state["model"])
         history = state["history"]
     else:
-        utils.write_json(out / "config.json", config)
         opt = utils.make_optimizer(model, cfg.lr)
         history, start = resume_from(state, model, opt) if state else ([], 1)
         if state:
@@ -314,7 +313,7 @@ def beta_sweep(args):
     rows, out = [], Path(args.out_dir)
     for beta in args.beta_sweep:
         sub = copy.copy(args)
-        sub.beta_max, sub.beta_sweep, sub.out_dir = beta, None, str(out / f"beta_{beta:g}")
+        sub.beta_max, sub.beta_sweep, sub.out_dir = beta, None, str(out / "beta_sweep" / f"beta_{beta:g}")
         done = Path(sub.out_dir) / "metrics.json"
         if done.is_file():
             metrics = json.loads(done.read_text())

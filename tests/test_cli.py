@@ -12,7 +12,7 @@ import torch
 import utils
 from conftest import DATA_DIR, QUICK, ROOT, run_cli
 
-OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt", "config.json"] + [
+OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt"] + [
     f"samples/{f}.png" for f in ("train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean",
                                  "confusion", "tsne", "generated_num", "reconstructions", "kl_per_dim",
                                  "traversals", "interpolations")]
@@ -172,11 +172,11 @@ def test_beta_sweep_writes_table_and_figure_and_skips_finished_runs(mnist_dir, t
     assert (tmp_path / "samples" / "beta_sweep.png").is_file()
     kl = [float(r.split("|")[3]) for r in table[2:]]
     assert kl[0] > kl[1]  # a larger beta buys a smaller rate
-    stamp = (tmp_path / "beta_2" / "checkpoint.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "beta_sweep" / "beta_2" / "checkpoint.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert run_cli(argv) == 0
     assert capsys.readouterr().out.count("finished earlier") == 2
-    assert (tmp_path / "beta_2" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert (tmp_path / "beta_sweep" / "beta_2" / "checkpoint.pt").stat().st_mtime_ns == stamp
     assert (tmp_path / "beta_sweep.txt").read_text().splitlines() == table
 
 
