@@ -199,16 +199,14 @@ def analysis_figures(model, test_x, y, mu, kl, active, emb, pred, args, samples,
     utils.plot_confusion(y, pred, samples / "confusion.png", classes)
     gen = torch.Generator(device=test_x.device).manual_seed(args.seed)
     utils.image_grid(model.sample(100, generator=gen), samples / "generated_num.png", nrow=10)
-    with torch.no_grad():
-        x_hat = torch.sigmoid(model.decode(model.encode(test_x[:50])[0]))
+    x_hat = utils.reconstruct(model, test_x[:50])
     utils.image_grid(utils.reconstruction_pairs(test_x[:50], x_hat), samples / "reconstructions.png", nrow=10)
     utils.plot_kl_per_dim(kl, active, samples / "kl_per_dim.png")
     dims, values = kl.argsort(descending=True).tolist(), torch.linspace(-3, 3, 9).tolist()
-    anchors = mu[[int((y == c).nonzero()[0][0]) for c in (0, 3, 7)]].to(test_x.device)
+    anchors = mu[utils.class_examples(y, (0, 3, 7))].to(test_x.device)
     utils.plot_traversals(utils.traversal_images(model, anchors, dims, values).cpu(), dims, kl, active, values,
                           samples / "traversals.png")
-    a = [int((y == c).nonzero()[0][0]) for c in range(10)]
-    b = [int((y == (c + 1) % 10).nonzero()[0][1]) for c in range(10)]
+    a, b = utils.class_examples(y, range(10)), utils.class_examples(y, [(c + 1) % 10 for c in range(10)], nth=1)
     pairs = utils.interpolation_images(model, mu[a].to(test_x.device), mu[b].to(test_x.device), 10)
     utils.image_grid(pairs.reshape(-1, 784), samples / "interpolations.png", nrow=10)
 
@@ -234,6 +232,11 @@ def load_for_analysis(path, device):
     except (RuntimeError, KeyError, TypeError) as e:
         raise utils.CheckpointError(f"{path}: weights do not fit the saved config ({str(e).splitlines()[0]})") from None
     return model, state
+
+
+def analysis_config(state, args):
+    """A checkpoint's config with the analysis options of this command line -> argparse.Namespace."""
+    return argparse.Namespace(**{**state["config"], **{k: vars(args)[k] for k in ANALYSIS_FIELDS}})
 
 
 def checked_state(args):
@@ -266,8 +269,8 @@ def resume_from(state, model, opt):
 def run(args):
     """One full run: data, training (or resume / analyze-only), analysis, files -> metrics dict."""
     state, timings, t_start = checked_state(args), {}, time.time()
-    config = {**state["config"], **{k: vars(args)[k] for k in ANALYSIS_FIELDS}} if args.analyze_only else vars(args)
-    cfg, out, device = argparse.Namespace(**config), Path(args.out_dir), utils.resolve_device(args.device)
+    cfg = analysis_config(state, args) if args.analyze_only else args
+    config, out, device = vars(cfg), Path(args.out_dir), utils.resolve_device(args.device)
     samples = out / "samples"
     with timed(timings, "data"):
         train_x, _, test_x, test_y = data.load_dataset(cfg.data_dir, cfg.dataset)

@@ -251,6 +251,18 @@ def active_units(mu, threshold=0.01):
     return mu.var(dim=0) > threshold
 
 
+@torch.no_grad()
+def reconstruct(model, x):
+    """x: (N, 784) -> (N, 784) pixel means decoded from the latent means mu(x)."""
+    model.eval()
+    return torch.sigmoid(model.decode(model.encode(x)[0]))
+
+
+def class_examples(y, classes, nth=0):
+    """y: (N,) labels -> index of the nth example of each class in `classes`, in that order."""
+    return [int(np.flatnonzero(np.asarray(y) == c)[nth]) for c in classes]
+
+
 def traversal_images(model, mu, dims, values):
     """mu: (D, z) anchors -> (len(dims), D, len(values), 784): each dim swept over values, the rest held."""
     z = mu.expand(len(dims), len(values), *mu.shape).clone().permute(0, 2, 1, 3)  # (dims, D, values, z)
