@@ -545,6 +545,9 @@ def plot_beta_sweep(rows, path):
     ax2.legend()
     ax3.plot(b, [r["active_units"] for r in rows], marker="o")
     ax3.set(xlabel="β", ylabel="active units", title="Active units")
+    ax3.set_ylim(0, max(r["active_units"] for r in rows) + 1)
     for ax in (ax2, ax3):  # symlog: log-spaced betas, and beta = 0 still has a place
         ax.set_xscale("symlog", linthresh=min([x for x in b if x > 0] or [1]))
+        ax.set_xticks(b, [f"{x:g}" for x in b])
+        ax.set_xlim(min(b) * 0.8 if min(b) > 0 else -0.1, max(b) * 1.25)
     return save_figure(fig, path)
