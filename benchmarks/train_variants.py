@@ -9,6 +9,7 @@ the evidence behind the choices in utils.train_epoch and utils.make_optimizer.
 import argparse
 import math
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -137,12 +138,21 @@ def main(argv=None):
             samples[k].append((wall * 60000 / a.limit, others))
         if r + 1 >= a.rounds and all(sum(o < cpuload.QUIET for _, o in v) >= a.rounds for v in samples.values()):
             break
-    print(f"| variant | s per 60k epoch, median | min-max | samples |  ({a.limit} images per epoch, "
-          f"{torch.get_num_threads()} threads)\n|---|---|---|---|")
-    for k in VARIANTS:
-        if k in samples:
-            m, lo, hi, note = cpuload.quiet_median(samples[k])
-            print(f"| {k} | {m:.2f} | {lo:.2f}-{hi:.2f} | {note} |")
+    report(samples, a.limit)
+
+
+def report(samples, limit):
+    """Median s/epoch over quiet samples, and the median per-round ratio to the first variant: rounds take
+    about a second, so the ratio cancels drifts of the machine's speed that a plain median cannot."""
+    names = [k for k in VARIANTS if k in samples]
+    base = samples[names[0]]
+    print(f"| variant | s per 60k epoch, median | min-max | per-round ratio to first row (IQR) | samples |  "
+          f"({limit} images per call, {torch.get_num_threads()} threads)\n|---|---|---|---|---|")
+    for k in names:
+        m, lo, hi, note = cpuload.quiet_median(samples[k])
+        ratios = [s / b for (s, o), (b, ob) in zip(samples[k], base) if max(o, ob) < cpuload.QUIET]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [float("nan")] * 3
+        print(f"| {k} | {m:.2f} | {lo:.2f}-{hi:.2f} | {q[1]:.3f} ({q[0]:.3f}-{q[2]:.3f}) | {note} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,19 @@ def test_planted_clusters_are_recovered(method):
     assert noise["acc_mean"] < 0.3 and noise["nmi_mean"] < 0.1
 
 
+@pytest.mark.parametrize("n_per_class", [30, 1000])  # 300 points take Barnes-Hut, 10,000 the FFT method
+def test_tsne_keeps_planted_clusters_apart_and_is_seeded(n_per_class):
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(10), n_per_class)
+    x = rng.normal(size=(10, 10))[y] * 10 + rng.normal(size=(y.size, 10))
+    emb = utils.tsne_embedding(x, seed=3, max_iter=300)
+    assert emb.shape == (y.size, 2) and np.isfinite(emb).all()
+    assert utils.clustering_scores(emb, y, "kmeans", seeds=range(3))["acc_mean"] > 0.99
+    if n_per_class == 30:  # seeding is the same code for both methods; check it where it is cheap
+        assert np.array_equal(emb, utils.tsne_embedding(x, seed=3, max_iter=300))
+        assert not np.allclose(emb, utils.tsne_embedding(x, seed=4, max_iter=300))
+
+
 def test_active_units_on_a_synthetic_encoder_with_known_variances():
     torch.manual_seed(0)
     std = torch.tensor([0.0, 0.05, 0.09, 0.11, 0.5, 1.0])  # variances 0, .0025, .0081, .0121, .25, 1
