@@ -1,12 +1,11 @@
 """Is an epoch-time change the code or the machine? python benchmarks/drift.py [--epochs 12]
 
-Trains the default model and, just before and after every epoch, times a probe whose work never changes: a fresh
-copy of the initial model and optimiser trained on the first 15,000 images (scaled x4 to a 60k epoch), plus the
+Trains the default model and, just before and after every epoch, times a probe whose work never changes: a fresh,
+identically seeded model and optimiser trained on the first 15,000 images (scaled x4 to a 60k epoch), plus the
 2048² matmul ceiling. If the probe and the ceiling speed up and slow down together with the epoch, the change is
 the machine's, not the training's.
 """
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import data  # noqa: E402
 import demo_script  # noqa: E402
 import speed  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 import utils  # noqa: E402
-from model import BetaVAE, VAEConfig  # noqa: E402
 
 
 def timed(fn, *a):
@@ -37,11 +35,9 @@ def main(argv=None):
     x = data.load_mnist(ROOT / "data")[0]
     model = speed.new_model(args)
     opt = utils.make_optimizer(model, args.lr)
-    initial = copy.deepcopy(model.state_dict())
 
     def probe():
-        m = BetaVAE(VAEConfig(hidden=tuple(args.hidden), latent_dim=args.latent_dim))
-        m.load_state_dict(initial)
+        m = speed.new_model(args)  # seeded: the training model's initial weights, every time
         return 4 * timed(utils.train_epoch, m, utils.make_optimizer(m, args.lr), x[:15000], args, 1, False)
 
     def ceiling():
