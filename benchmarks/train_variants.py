@@ -2,9 +2,10 @@
 
 Every variant is `epoch(model, opt, x, args, epoch)` doing the same forward, loss, backward and Adam step as
 utils.train_epoch; they differ only in the per-step extras (grad norm, statistics, NaN check, batch gather,
-threads, Adam kernel). Each round runs every variant once in a shuffled order, so a neighbour process loading
-the CPU hits all of them alike; the table gives the median seconds per 60k-image epoch with min-max. This is
-the evidence behind the choices in utils.train_epoch and utils.make_optimizer.
+threads, Adam kernel), in compiling forward and loss, or in stepping Adam from backward hooks. Each round runs
+every variant once in a shuffled order, so a neighbour process loading the CPU hits all of them alike; the table
+gives the median seconds per 60k-image epoch with min-max. This is the evidence behind the choices in
+utils.train_epoch and utils.make_optimizer.
 """
 import argparse
 import math
@@ -66,7 +67,7 @@ def make_variant(norm="total", stats=listed_stats, gather="index", threads=None)
     return epoch_fn
 
 
-def run_epoch(model, opt, x, args, epoch, norm_fn, stats, gather):
+def run_epoch(model, opt, x, args, epoch, norm_fn, stats, gather, terms=None):
     model.train()
     n, bs = x.shape[0], args.batch_size
     steps, perm = math.ceil(n / bs), torch.randperm(n)
@@ -78,11 +79,15 @@ def run_epoch(model, opt, x, args, epoch, norm_fn, stats, gather):
         for group in opt.param_groups:
             group["lr"] = utils.get_lr(t, args)
         xb = xs[i * bs:(i + 1) * bs] if gather == "prepermute" else x[perm[i * bs:(i + 1) * bs]]
-        logits, mu, logvar = model(xb)
-        recon, kl, kl_fb = utils.vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
+        if terms:
+            recon, kl, kl_fb = terms(xb)
+        else:
+            logits, mu, logvar = model(xb)
+            recon, kl, kl_fb = utils.vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
         loss = utils.objective(recon, kl, kl_fb, t, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        norm_fn = getattr(opt, "grad_norm", norm_fn)
         gnorm = norm_fn(params) if norm_fn else torch.zeros(())
         opt.step()
         if stats:
@@ -97,6 +102,43 @@ def foreach_adam(model, lr):
     return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
+def compiled_epoch(model, opt, x, args, epoch):
+    """Forward and loss through torch.compile (Inductor fuses the element-wise kernels into C++ loops); the
+    first call, in the untimed warm-up epoch, pays the compilation."""
+    if not hasattr(model, "_compiled_terms"):
+        def terms(xb):
+            logits, mu, logvar = model(xb)
+            return utils.vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
+        model._compiled_terms = torch.compile(terms, dynamic=False)
+    return run_epoch(model, opt, x, args, epoch, total_norm, listed_stats, "index", terms=model._compiled_terms)
+
+
+class AdamInBackward:
+    """One fused Adam per parameter, stepped by a hook as soon as that gradient is final, while it is still in
+    cache (the PyTorch tutorial's optimizer-in-backward); the hook records each gradient's norm first."""
+
+    def __init__(self, model, lr):
+        self.opts = {p: torch.optim.Adam([p], lr=lr, fused=True) for p in model.parameters()}
+        self.norms = []
+        for p in self.opts:
+            p.register_post_accumulate_grad_hook(self.step_one)
+        self.param_groups = [o.param_groups[0] for o in self.opts.values()]  # run_epoch sets lr through these
+
+    def step_one(self, p):
+        self.norms.append(torch.linalg.vector_norm(p.grad))
+        self.opts[p].step()
+        p.grad = None
+
+    def zero_grad(self, set_to_none=True):
+        self.norms = []
+
+    def step(self):
+        pass  # done in backward
+
+    def grad_norm(self, params):
+        return torch.linalg.vector_norm(torch.stack(self.norms))
+
+
 # name -> (epoch function, optimiser factory)
 VARIANTS = {
     "utils.train_epoch (current file)": (current, utils.make_optimizer),
@@ -108,6 +150,8 @@ VARIANTS = {
     "listed, pre-permuted x": (make_variant(gather="prepermute"), utils.make_optimizer),
     "listed, 1 thread": (make_variant(threads=1), utils.make_optimizer),
     "listed, foreach Adam": (make_variant(), foreach_adam),
+    "listed, torch.compile forward + loss": (compiled_epoch, utils.make_optimizer),
+    "listed, Adam in backward (per-parameter hooks)": (make_variant(), AdamInBackward),
 }
 
 
