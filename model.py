@@ -7,6 +7,7 @@ from torch import nn
 
 @dataclass
 class VAEConfig:
+    """Layer sizes: input (784 for 28x28), encoder hidden widths (the decoder mirrors them), latent z."""
     input_dim: int = 784
     hidden: tuple = (512, 256)
     latent_dim: int = 10

@@ -215,18 +215,21 @@ def encode_means(model, x, batch_size=5000):
 
 
 @torch.no_grad()
-def evaluate(model, x, kind, seed=0, batch_size=5000):
-    """Negative ELBO at beta = 1 (plain KL, no free bits), one z per image -> dict neg_elbo, recon, kl."""
+def evaluate(model, x, kind, seed=0, batch_size=5000, draws=1):
+    """x: (N, 784) -> dict neg_elbo (beta = 1, plain KL), recon, kl, neg_elbo_se: averages over `draws` z per image."""
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)  # fixed noise: epochs compare like for like
-    recon = kl = 0.0
-    for xb in batched(x, batch_size):
+    recon = kl = var = 0.0
+    for xb in batched(x, max(1, batch_size // draws)):
         mu, logvar = model.encode(xb)
-        z = model.reparameterize(mu, logvar, generator=gen)
-        recon = recon + recon_per_image(model.decode(z), xb, kind).sum()
-        kl = kl + kl_per_dim(mu, logvar).sum()
-    recon, kl = recon.item() / x.shape[0], kl.item() / x.shape[0]
-    return dict(neg_elbo=recon + kl, recon=recon, kl=kl)
+        z = model.reparameterize(mu.expand(draws, *mu.shape), logvar.expand(draws, *logvar.shape), generator=gen)
+        r = recon_per_image(model.decode(z), xb.expand(draws, *xb.shape), kind)  # (draws, b)
+        recon = recon + r.mean(0).sum()
+        var = var + (r.var(0).sum() / draws if draws > 1 else math.nan)
+        kl = kl + kl_per_dim(mu, logvar).sum()  # closed form: only recon carries Monte Carlo noise
+    n = x.shape[0]
+    recon, kl, se = recon.item() / n, kl.item() / n, math.sqrt(float(var)) / n
+    return dict(neg_elbo=recon + kl, recon=recon, kl=kl, neg_elbo_se=se)  # Monte Carlo std error; nan at 1 draw
 
 
 @torch.no_grad()
@@ -391,14 +394,17 @@ def clustering_scores(features, y, method, seeds):
         pred = cluster_labels(features, method, s)
         runs.append((cluster_accuracy(y, pred), normalized_mutual_info_score(y, pred), adjusted_rand_score(y, pred)))
     acc, nmi, ari = np.array(runs).T
-    return dict(acc_mean=acc.mean(), acc_std=acc.std(), nmi_mean=nmi.mean(), nmi_std=nmi.std(),
-                ari_mean=ari.mean(), ari_std=ari.std(), acc_per_seed=acc.tolist(), seeds=list(seeds))
+    std = (lambda v: v.std(ddof=1)) if len(runs) > 1 else (lambda v: math.nan)  # sample std over seeds
+    return dict(acc_mean=acc.mean(), acc_std=std(acc), nmi_mean=nmi.mean(), nmi_std=std(nmi),
+                ari_mean=ari.mean(), ari_std=std(ari), acc_per_seed=acc.tolist(), seeds=list(seeds))
 
 
 def tsne_embedding(features, seed, max_iter=500):
     """features: (N, d) -> (N, 2) t-SNE map (openTSNE; FFT gradients from N = 10,000, Barnes-Hut below)."""
     # max_iter counts the 250 early-exaggeration iterations too, as sklearn's does. On the 10k test latents openTSNE
     # took 13.5 s and sklearn's Barnes-Hut 18 s, with a slightly better KMeans score (benchmarks/speed.py, row 4).
+    if max_iter <= 250:
+        raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
                 n_iter=max_iter - 250, n_jobs=-1)
     return np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))

@@ -103,8 +103,8 @@ def foreach_adam(model, lr):
 
 
 def compiled_epoch(model, opt, x, args, epoch):
-    """Forward and loss through torch.compile (Inductor fuses the element-wise kernels into C++ loops); the
-    first call, in the untimed warm-up epoch, pays the compilation."""
+    """Forward and loss through torch.compile, which fuses the element-wise kernels into C++ loops."""
+    # The first call, in the untimed warm-up epoch, pays the compilation.
     if not hasattr(model, "_compiled_terms"):
         def terms(xb):
             logits, mu, logvar = model(xb)
@@ -114,8 +114,8 @@ def compiled_epoch(model, opt, x, args, epoch):
 
 
 class AdamInBackward:
-    """One fused Adam per parameter, stepped by a hook as soon as that gradient is final, while it is still in
-    cache (the PyTorch tutorial's optimizer-in-backward); the hook records each gradient's norm first."""
+    """One fused Adam per parameter, stepped from backward as soon as its gradient is final (optimizer-in-backward)."""
+    # The idea: update each weight while its gradient is still in cache. The hook records the gradient's norm first.
 
     def __init__(self, model, lr):
         self.opts = {p: torch.optim.Adam([p], lr=lr, fused=True) for p in model.parameters()}

