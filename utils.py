@@ -128,7 +128,7 @@ def get_beta(t, args):
         period = args.epochs / args.cycles
         return args.beta_max * min(1.0, (t % period) / (period * args.cycle_ratio))
     if args.schedule == "capacity":
-        return args.gamma
+        return args.gamma  # the constant weight on |KL - C(t)|, which is what the loss.txt β column then shows
     return args.beta_max
 
 
@@ -402,7 +402,7 @@ def clustering_scores(features, y, method, seeds):
 def tsne_embedding(features, seed, max_iter=500):
     """features: (N, d) -> (N, 2) t-SNE map (openTSNE; FFT gradients from N = 10,000, Barnes-Hut below)."""
     # max_iter counts the 250 early-exaggeration iterations too, as sklearn's does. On the 10k test latents openTSNE
-    # took 13.5 s and sklearn's Barnes-Hut 18 s, with a slightly better KMeans score (benchmarks/speed.py, row 4).
+    # took 14-15 s and sklearn's Barnes-Hut 18-21 s, with a slightly better KMeans score (benchmarks/speed.py, row 4).
     if max_iter <= 250:
         raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
@@ -548,6 +548,7 @@ def plot_beta_sweep(rows, path):
     for r in rows:
         ax1.annotate(f"β={r['beta']:g}", (r["kl"], r["recon"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     ax1.set(xlabel="rate: test KL (nats)", ylabel="distortion: test recon (nats)", title="Rate-distortion")
+    ax1.margins(x=0.12, y=0.08)  # room for the β labels at the ends of the curve
     for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
         ax2.errorbar(b, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], marker="o",
                      capsize=3, label=label)
