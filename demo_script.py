@@ -226,7 +226,8 @@ def print_summary(metrics, timings, title):
     """The headline numbers of metrics.json, as a short report on stdout."""
     c = metrics["clustering"]
     print(f"\n== {title} ==")
-    print(f"test -ELBO (beta=1)        {metrics['test_neg_elbo']:8.2f} ± {metrics['test_neg_elbo_se']:.2f} nats "
+    name, unit = ("test -ELBO (beta=1)", "nats") if metrics["config"]["loss"] == "bce" else ("test MSE + KL", "")
+    print(f"{name:26s} {metrics['test_neg_elbo']:8.2f} ± {metrics['test_neg_elbo_se']:.2f} {unit} "
           f"(mean of {metrics['test_eval_draws']} z per image ± Monte Carlo std error)")
     if metrics["test_iw_log_likelihood"] is not None:
         print(f"test log p(x), IW K={metrics['iw_samples']:<5d} {metrics['test_iw_log_likelihood']:8.2f} nats")

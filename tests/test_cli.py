@@ -54,7 +54,8 @@ def test_mse_run_reports_no_likelihood(mnist_dir, tmp_path, capsys):
     assert run_cli(QUICK + ["--loss", "mse", "--out-dir", tmp_path]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["test_iw_log_likelihood"] is None and 0 < m["test_neg_elbo"] < 100  # squared error, not nats
-    assert "log p(x)" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test MSE + KL" in out and "log p(x)" not in out and "ELBO (beta=1)" not in out
 
 
 def test_same_seed_gives_identical_loss_txt(quick_run, tmp_path):
