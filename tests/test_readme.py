@@ -63,6 +63,18 @@ def test_readme_metrics_are_the_committed_metrics_json():
     assert {k: m["config"][k] for k in defaults} == defaults
 
 
+def test_readme_prose_quotes_the_committed_metrics_json():
+    m = json.loads((ROOT / "metrics.json").read_text())
+    acc, kl = m["clustering"]["kmeans_latent"]["acc_per_seed"], m["kl_per_dim"]
+    iw, elbo = m["test_iw_log_likelihood"], -m["test_neg_elbo"]
+    quotes = [f"The IW bound ({iw:.2f}) sits {iw - elbo:.1f} nats above the ELBO ({elbo:.2f})".replace("-", "−"),
+              f"ranged from {min(acc):.3f} to {max(acc):.3f}", f"(seed {m['config']['seed']}) scored "
+              f"{m['kmeans_single_seed_acc']:.3f}", f"All {m['active_units']} dimensions are active, with test KL "
+              f"between {min(kl):.1f} and {max(kl):.1f} nats", f"or {-elbo:.2f} ± {m['test_neg_elbo_se']:.2f} averaged"]
+    text = " ".join(readme().split())  # prose is wrapped at 120 columns
+    assert [q for q in quotes if q not in text] == []
+
+
 def test_readme_beta_study_is_the_committed_beta_sweep():
     assert (ROOT / "beta_sweep.txt").read_text().strip() in readme()
 
