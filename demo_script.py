@@ -61,7 +61,7 @@ def build_parser():
     a("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
-    a("--kmeans-seeds", type=int, default=10, help="clustering runs per method (default: 10)")
+    a("--kmeans-seeds", type=int, default=10, help="clustering runs per method, at least 2 (default: 10)")
     a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
@@ -95,7 +95,7 @@ def invalid_flag(args):
          f"--limit must be between --batch-size ({args.batch_size}) and {n_train}"),
         (100 <= args.tsne_points <= n_test, f"--tsne-points must be between 100 and {n_test}"),
         (1 <= args.iw_samples <= 10000, "--iw-samples must be between 1 and 10000"),
-        (args.kmeans_seeds >= 1, "--kmeans-seeds must be >= 1"), (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),
+        (args.kmeans_seeds >= 2, "--kmeans-seeds must be >= 2: the spread needs two runs"), (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),
         (args.beta_sweep is None or all(0 <= b < math.inf for b in args.beta_sweep), "--beta-sweep values must be >= 0"),
         (not (args.beta_sweep and (args.resume or args.analyze_only)),
          "--beta-sweep resumes by itself and cannot be combined with --resume or --analyze-only"),

@@ -552,7 +552,7 @@ def plot_beta_sweep(rows, path):
     for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
         ax2.errorbar(b, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], marker="o",
                      capsize=3, label=label)
-    ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means (mean ± std over seeds)")
+    ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means (mean ± sample std over seeds)")
     ax2.legend()
     ax3.plot(b, [r["active_units"] for r in rows], marker="o")
     ax3.set(xlabel="β", ylabel="active units", title="Active units")

@@ -72,7 +72,8 @@ def test_evaluate_standard_error_matches_the_spread_over_seeds():
     spread = np.std([r["neg_elbo"] for r in runs], ddof=1)
     assert np.mean([r["neg_elbo_se"] for r in runs]) == pytest.approx(spread, rel=0.35)
     one = utils.evaluate(m, x, "bce", seed=0)  # one draw: the per-epoch figure in loss.txt, no error estimate
-    assert np.isnan(one["neg_elbo_se"]) and one["neg_elbo"] == pytest.approx(runs[0]["neg_elbo"], abs=5 * spread)
+    mean = np.mean([r["neg_elbo"] for r in runs])
+    assert np.isnan(one["neg_elbo_se"]) and one["neg_elbo"] == pytest.approx(mean, abs=4 * np.sqrt(8) * spread)
 
 
 def test_clustering_std_is_the_sample_std_over_seeds():
