@@ -394,9 +394,9 @@ def clustering_scores(features, y, method, seeds):
         pred = cluster_labels(features, method, s)
         runs.append((cluster_accuracy(y, pred), normalized_mutual_info_score(y, pred), adjusted_rand_score(y, pred)))
     acc, nmi, ari = np.array(runs).T
-    std = (lambda v: v.std(ddof=1)) if len(runs) > 1 else (lambda v: math.nan)  # sample std over seeds
-    return dict(acc_mean=acc.mean(), acc_std=std(acc), nmi_mean=nmi.mean(), nmi_std=std(nmi),
-                ari_mean=ari.mean(), ari_std=std(ari), acc_per_seed=acc.tolist(), seeds=list(seeds))
+    # Sample std (ddof=1) over seeds; numpy gives nan, with a warning, for a single seed.
+    return dict(acc_mean=acc.mean(), acc_std=acc.std(ddof=1), nmi_mean=nmi.mean(), nmi_std=nmi.std(ddof=1),
+                ari_mean=ari.mean(), ari_std=ari.std(ddof=1), acc_per_seed=acc.tolist(), seeds=list(seeds))
 
 
 def tsne_embedding(features, seed, max_iter=500):

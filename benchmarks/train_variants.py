@@ -73,6 +73,7 @@ def run_epoch(model, opt, x, args, epoch, norm_fn, stats, gather, terms=None):
     steps, perm = math.ceil(n / bs), torch.randperm(n)
     xs = x[perm] if gather == "prepermute" else x  # one big gather per epoch, then contiguous slices
     params = list(model.parameters())
+    norm_fn = getattr(opt, "grad_norm", norm_fn)  # AdamInBackward measures the norm in its hooks
     state = dict(sums=torch.zeros(3), first_bad=torch.full((), -1), rows=[])
     for i in range(steps):
         t = epoch - 1 + i / steps
@@ -87,7 +88,6 @@ def run_epoch(model, opt, x, args, epoch, norm_fn, stats, gather, terms=None):
         loss = utils.objective(recon, kl, kl_fb, t, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        norm_fn = getattr(opt, "grad_norm", norm_fn)
         gnorm = norm_fn(params) if norm_fn else torch.zeros(())
         opt.step()
         if stats:
