@@ -73,8 +73,9 @@ def build_parser():
     a("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images only (default: all)")
     a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
-    a("--kmeans-seeds", type=int, default=10, help="clustering runs per method, at least 2 (default: 10)")
-    a("--umap-seeds", type=int, default=3, help="UMAP + Gaussian mixture runs, each ~10 s; 0 skips UMAP (default: 3)")
+    a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
+    a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs: ~12 s each, after ~35 s of numba "
+                                                "compilation in a fresh process; 0 skips UMAP (default: 2)")
     a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
@@ -422,14 +423,21 @@ def run(args):
 
 # What the grid averages over training seeds: dotted paths into a member's metrics.json (add a key here and it is
 # aggregated into grid.json and seeds_summary.txt); headline_numbers adds every clustering method's ACC, NMI, ARI.
-HEADLINE = ("test_recon", "test_kl", "test_neg_elbo", "test_iw_log_likelihood", "active_units")
+HEADLINE = ("test_recon", "test_kl", "test_neg_elbo", "test_iw_log_likelihood", "active_units", "kl_decomposition.mi",
+            "kl_decomposition.tc", "kl_decomposition.dim_kl", "probes.logistic_100.mean", "probes.logistic_1000.mean",
+            "probes.logistic_all.mean", "probes.knn_all.mean")
 # beta_sweep.txt's columns before each clustering method's ACC and NMI: (headline key, header, format).
 SWEEP_COLUMNS = (("test_recon", "Test Recon", ".2f"), ("test_kl", "Test KL", ".2f"),
                  ("test_neg_elbo", "Test -ELBO", ".2f"), ("test_iw_log_likelihood", "IW log p(x)", ".2f"),
-                 ("active_units", "Active Units", ".1f"))
+                 ("active_units", "Active Units", ".1f"), ("kl_decomposition.mi", "MI", ".2f"),
+                 ("kl_decomposition.tc", "TC", ".2f"), ("kl_decomposition.dim_kl", "Dim-wise KL", ".2f"),
+                 ("probes.logistic_100.mean", "Probe 100 labels", ".3f"),
+                 ("probes.logistic_1000.mean", "Probe 1000 labels", ".3f"),
+                 ("probes.logistic_all.mean", "Probe all labels", ".3f"), ("probes.knn_all.mean", "kNN", ".3f"))
 # samples/beta_sweep.png's numbers: utils.plot_beta_sweep's name -> headline key.
 PLOT_KEYS = {"recon": "test_recon", "kl": "test_kl", "acc": "kmeans_latent_acc", "nmi": "kmeans_latent_nmi",
-             "active_units": "active_units"}
+             "active_units": "active_units", "mi": "kl_decomposition.mi", "tc": "kl_decomposition.tc",
+             "dim_kl": "kl_decomposition.dim_kl"}
 POOL_ATTEMPTS = 3  # a member whose pool process died is resumed in a fresh pool, this many times in all
 
 

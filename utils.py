@@ -735,11 +735,11 @@ def widget_with_png(widget, png):
 
 
 def plot_beta_sweep(rows, path):
-    """rows: one dict per beta with beta, seeds and <key>_mean, <key>_std (nan for one seed) for recon, kl, acc, nmi
-    and active_units, over training seeds -> rate-distortion, ACC/NMI and active units against beta, error bars."""
+    """rows: one dict per beta: beta, seeds and <key>_mean, <key>_std (nan for one seed) over training seeds for recon,
+    kl, acc, nmi, active_units, mi, tc and dim_kl -> rate-distortion, KL decomposition, ACC/NMI, active units."""
     b, col = [r["beta"] for r in rows], lambda key: np.array([r[key] for r in rows], dtype=float)
-    fig = Figure(figsize=(15, 4.2))
-    ax1, ax2, ax3 = fig.subplots(1, 3)
+    fig = Figure(figsize=(20, 4.2))
+    ax1, ax4, ax2, ax3 = fig.subplots(1, 4)
     ax1.errorbar(col("kl_mean"), col("recon_mean"), xerr=col("kl_std"), yerr=col("recon_std"), marker="o", capsize=3)
     for r in rows:
         ax1.annotate(f"β={r['beta']:g}", (r["kl_mean"], r["recon_mean"]), fontsize=8, xytext=(4, 4),
@@ -749,6 +749,10 @@ def plot_beta_sweep(rows, path):
     for key, label in [("acc", "ACC"), ("nmi", "NMI")]:
         ax2.errorbar(b, col(f"{key}_mean"), yerr=col(f"{key}_std"), marker="o", capsize=3, label=label)
     ax2.set(xlabel="β", ylabel="score", title="KMeans on latent means")
+    for key, label in [("mi", "index-code MI"), ("tc", "total correlation"), ("dim_kl", "dimension-wise KL")]:
+        ax4.errorbar(b, col(f"{key}_mean"), yerr=col(f"{key}_std"), marker="o", capsize=3, label=label)
+    ax4.set(xlabel="β", ylabel="nats", title="Where the KL goes (Chen et al. 2018)")
+    ax4.legend()
     ax2.legend()
     ax3.errorbar(b, col("active_units_mean"), yerr=col("active_units_std"), marker="o", capsize=3)
     ax3.set(xlabel="β", ylabel="active units", title="Active units")
@@ -756,7 +760,7 @@ def plot_beta_sweep(rows, path):
     seeds = sorted({r["seeds"] for r in rows})
     fig.suptitle(f"mean ± sample std over {'/'.join(map(str, seeds))} training seeds per β (no bar: one seed)",
                  fontsize=10)
-    for ax in (ax2, ax3):  # symlog: log-spaced betas, and beta = 0 still has a place
+    for ax in (ax2, ax3, ax4):  # symlog: log-spaced betas, and beta = 0 still has a place
         ax.set_xscale("symlog", linthresh=min([x for x in b if x > 0] or [1]))
         ax.set_xticks(b, [f"{x:g}" for x in b])
         ax.set_xlim(min(b) * 0.8 if min(b) > 0 else -0.1, max(b) * 1.25)
