@@ -380,6 +380,7 @@ def experiment_data(cfg):
 def run(args):
     """One full run: data, training (or resume / analyze-only), analysis, files -> metrics dict."""
     state, timings, t_start = checked_state(args), {}, time.time()
+    utils.return_large_frees_to_the_os()
     cfg = analysis_config(state, args) if args.analyze_only else args
     config, out, device = vars(cfg), Path(args.out_dir), utils.resolve_device(args.device)
     samples = out / "samples"

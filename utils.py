@@ -1,5 +1,6 @@
 """Loss, schedules, training, evaluation, clustering and plots for the Beta-VAE. Plain functions, no state."""
 import base64
+import ctypes
 import io
 import json
 import math
@@ -16,7 +17,6 @@ import torch
 import threadpoolctl
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from openTSNE import TSNE
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
@@ -44,6 +44,17 @@ def limit_threads(n):
     except ImportError:
         return
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+def return_large_frees_to_the_os():
+    """glibc only: allocations over 4 MB always by mmap, so a freed large tensor goes back to the OS at once."""
+    # After training, glibc's adaptive threshold had moved 15 MB tensors onto the heap, which then fragmented: the IW
+    # bound at K=5000 grew by ~3 MB per test image until the kernel killed the run (24 GB). Fixing the threshold
+    # (mallopt M_MMAP_THRESHOLD = -3) stops that; training allocates nothing that large, so it is not slowed.
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, Windows, musl): their allocators have no such threshold to pin
 
 
 def resolve_device(name):
@@ -550,6 +561,7 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
     # took 14-15 s and sklearn's Barnes-Hut 18-21 s, with a slightly better KMeans score (benchmarks/README.md).
     if max_iter <= 250:
         raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
+    from openTSNE import TSNE  # here, not at the top: it costs ~1 s of every start-up, --help included
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
                 n_iter=max_iter - 250, n_jobs=n_jobs)
     return np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
