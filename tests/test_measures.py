@@ -177,3 +177,17 @@ def test_umap_then_gaussian_mixture_recovers_planted_clusters():
     x, y = planted(60, 20, 4.0)
     s = utils.clustering_scores(x, y, "umap_gmm", seeds=[0, 1])
     assert s["acc_mean"] == 1.0
+
+
+def test_a_large_k_iw_bound_after_training_does_not_grow_the_heap():
+    import psutil
+    utils.return_large_frees_to_the_os()  # what demo_script.run does first
+    torch.manual_seed(0)
+    model = BetaVAE(VAEConfig())
+    args = argparse.Namespace(batch_size=128, epochs=1, schedule="constant", beta_max=1.0, free_bits=0.0, loss="bce",
+                              lr=1e-3, lr_schedule="constant", binarize=True)
+    utils.train_epoch(model, utils.make_optimizer(model, 1e-3), torch.rand(2000, 784), args, 1, show_progress=False)
+    rss = psutil.Process().memory_info().rss
+    utils.iw_log_likelihood(model, (torch.rand(100, 784) > 0.5).float(), 5000, "bce")
+    # glibc's adaptive threshold once let each image's 15 MB of decoded samples fragment the heap: +263 MB here
+    assert psutil.Process().memory_info().rss - rss < 100 * 2 ** 20
