@@ -100,7 +100,8 @@ def test_readme_training_table_is_the_committed_loss_txt():
 def test_readme_metrics_are_the_committed_metrics_json():
     m = json.loads((ROOT / "metrics.json").read_text())
     assert metrics_tables(m) in readme()
-    defaults = vars(demo_script.parse_args([]))  # the reference run is `python demo_script.py`, no flags
+    # the reference run is `python demo_script.py --no-progress`: the defaults, with the progress bars hidden
+    defaults = vars(demo_script.parse_args(["--no-progress"]))
     assert {k: m["config"][k] for k in defaults} == defaults
 
 
