@@ -144,8 +144,9 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
     wait_for(member(tmp_path, "0.5", 2) / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and stderr.strip().splitlines() == [
-        "interrupted; re-run the same command to continue the grid where it stopped"], stderr[-1500:]
+    # The grid's own last word; a pool process stopped inside numba's compiler may print an "Exception ignored" above it.
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == (
+        "interrupted; re-run the same command to continue the grid where it stopped"), stderr[-1500:]
     assert run_cli(argv) == 0  # 1 thread per model: cores // 2 on this 2-core machine, or less
     for b, s in MEMBERS:
         assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
