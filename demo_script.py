@@ -74,8 +74,8 @@ def build_parser():
     a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
     a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
-    a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs: ~12 s each, after ~35 s of numba "
-                                                "compilation in a fresh process; 0 skips UMAP (default: 2)")
+    a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s each (a machine's first UMAP "
+                                                "also compiles numba code once); 0 skips UMAP (default: 2)")
     a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")

@@ -9,6 +9,7 @@ import random
 import signal
 import tempfile
 import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def return_large_frees_to_the_os():
     # After training, glibc's adaptive threshold had moved 15 MB tensors onto the heap, which then fragmented: the IW
     # bound at K=5000 grew by ~3 MB per test image until the kernel killed the run (24 GB). Fixing the threshold
     # (mallopt M_MMAP_THRESHOLD = -3) stops that; training allocates nothing that large, so it is not slowed.
+    # Pinning it also pins the trim threshold at 128 kB, and trimming the heap's top on every free made the IW bound
+    # at K=100 36% slower (10.8 s against 7.9 s); a 128 MB trim threshold (M_TRIM_THRESHOLD = -1) gives 8.3 s.
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 4 << 20)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)
+        libc.mallopt(-1, 128 << 20)
     except (OSError, AttributeError):
         pass  # not glibc (macOS, Windows, musl): their allocators have no such threshold to pin
 
@@ -288,21 +293,28 @@ def iw_log_weights(model, xb, mu, logvar, k, kind, generator):
     """xb: (B, 784), mu, logvar: (B, z) -> (k, B) log p(x, z_k) - log q(z_k | x) for k draws z_k ~ q(z | x)."""
     mu_k, logvar_k = mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape)
     z = model.reparameterize(mu_k, logvar_k, generator=generator)
-    log_px_z = -recon_per_image(model.decode(z), xb.expand(k, *xb.shape), kind)
+    logits = model.decode(z)
+    # Bernoulli log p(x|z) = x.l - softplus(l): two passes over (k, B, 784) where BCE-with-logits makes five.
+    log_px_z = (torch.linalg.vecdot(logits, xb) - F.softplus(logits).sum(-1) if kind == "bce"
+                else -recon_per_image(logits, xb.expand(k, *xb.shape), kind))
     log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
     return log_px_z + log_pz - log_normal(z, mu_k, logvar_k).sum(-1)
 
 
 @torch.no_grad()
-def iw_log_likelihood(model, x, k, kind, seed=0, chunk=5000, show_progress=False):
+def iw_log_likelihood(model, x, k, kind, seed=0, chunk=1000, show_progress=False):
     """x: (N, 784) -> log p(x) estimates with k importance samples (Burda et al. 2016, Eq. 8) and their MC variances, (N,) each."""
-    # chunk = decoded samples per pass: memory stays at chunk x 784 floats for any K. At K=100 on the 10k test set,
-    # 5000 took 8 s and 20000 took 11.5 s (2 cores). A running logsumexp carries large K across passes.
+    # chunk = decoded samples per pass: memory stays at chunk x 784 floats for any K, and a running logsumexp carries
+    # large K across passes. At 1000 a pass's tensors (3 MB) stay under the 4 MB mmap threshold: at K=5000, passes
+    # of 5000 (mmapped, page-faulted afresh each time) ran at 44% of the matmul ceiling, passes of 1000 at 68-79%.
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    per_pass, out = min(k, chunk), []
+    per_pass, step = min(k, chunk), max(1, chunk // k)
+    # Filled in place: a small tensor kept per image split the heap's freed 3 MB blocks, and at K=5000 the process
+    # grew by ~1 MB per image.
+    out = torch.empty(2, x.shape[0], device=x.device, dtype=x.dtype)
     with tqdm(total=x.shape[0], desc=f"IW bound, K={k}", leave=False, disable=not show_progress) as bar:
-        for xb in batched(x, max(1, chunk // k)):
+        for i, xb in zip(range(0, x.shape[0], step), batched(x, step)):
             mu, logvar = model.encode(xb)
             lse = lse2 = torch.full((xb.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
             for start in range(0, k, per_pass):
@@ -310,9 +322,9 @@ def iw_log_likelihood(model, x, k, kind, seed=0, chunk=5000, show_progress=False
                 lse, lse2 = lse.logaddexp(log_w.logsumexp(0)), lse2.logaddexp((2 * log_w).logsumexp(0))
             # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) = sum w^2 / (sum w)^2 - 1/K (Owen 2013, Monte Carlo
             # theory, methods and examples, Ch. 9). It can understate the error when a few weights dominate.
-            out.append(torch.stack([lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k]))
+            out[0, i:i + len(xb)], out[1, i:i + len(xb)] = lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k
             bar.update(xb.shape[0])
-    log_px, mc_var = torch.cat(out, dim=1).cpu().double()  # float64 on the CPU only: MPS has none
+    log_px, mc_var = out.cpu().double()  # float64 on the CPU only: MPS has none
     return log_px, mc_var.clamp(min=0)
 
 
@@ -535,12 +547,34 @@ def cluster_labels(features, method, seed, k=10, n_init=10):
     return gmm.fit(features).predict(features)
 
 
-def umap_embedding(features, seed, n_components=10, n_neighbors=20):
-    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0, N2D's setting for clustering."""
-    import umap  # here, not at the top: importing umap-learn costs seconds that runs without UMAP need not pay
-    # random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
-    reducer = umap.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed, n_jobs=1)
-    return reducer.fit_transform(np.asarray(features, dtype=np.float32))
+def umap_module():
+    """-> umap-learn, imported with numba's on-disk cache on, so that only a machine's first UMAP compiles it."""
+    import sys
+    import numba  # here, not at the top: only UMAP needs numba, and importing umap-learn costs seconds
+    if "umap" not in sys.modules:
+        # umap-learn asks numba to cache 1 of its 117 functions; compiling the rest took ~30 s of every process.
+        njit = numba.njit
+        numba.njit = lambda *a, **k: njit(*a, **{"cache": True, **k})
+        try:
+            import umap
+        finally:
+            numba.njit = njit
+    return sys.modules["umap"]
+
+
+def umap_embedding(features, seed, n_components=10, n_neighbors=30):
+    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0 on exact nearest neighbours."""
+    from sklearn.neighbors import NearestNeighbors
+    features = np.asarray(features, dtype=np.float32)
+    # Exact neighbours, cheap for 10k points in 10-d, replace UMAP's NN-descent, whose numba code cannot be cached.
+    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
+    # 30 neighbours and min_dist 0 are umap-learn's advice for clustering (docs, "Using UMAP for Clustering"); N2D
+    # used 20. random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
+    reducer = umap_module().UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed,
+                                 n_jobs=1, precomputed_knn=(idx, dist, None))
+    with warnings.catch_warnings():  # it warns that transform() needs an NN-descent index; nothing here transforms
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+        return reducer.fit_transform(features)
 
 
 def clustering_scores(features, y, method, seeds):
