@@ -1,9 +1,10 @@
-"""The README's results are the committed runs: its tables must equal loss.txt, metrics.json, beta_sweep.txt and the
-binarized runs' likelihood/*/metrics.json.
+"""The README's results are the committed runs: its tables must equal loss.txt, metrics.json, the grid's runs and
+tables in beta_sweep/, and the binarized runs' likelihood/*/metrics.json.
 
 `python tests/test_readme.py` prints the tables as they belong in the README.
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -16,14 +17,15 @@ import utils  # noqa: E402
 EPOCHS = (1, 5, 10, 15, 20, 25, 30)
 # The original project's README, "Training Results": Total Loss per listed epoch.
 PUBLISHED_TOTAL = {1: 135.11, 5: 106.31, 10: 102.74, 15: 101.04, 20: 99.98, 25: 99.17, 30: 98.64}
-METHODS = {"kmeans_latent": "KMeans on latent means", "gmm_latent": "Gaussian mixture on latent means",
-           "kmeans_tsne": "KMeans on the t-SNE map", "gmm_tsne": "Gaussian mixture on the t-SNE map",
-           "umap_gmm": "UMAP, then a Gaussian mixture (N2D)"}
-PROBES = {"logistic_100": "Logistic regression, 100 labels", "logistic_1000": "Logistic regression, 1,000 labels",
-          "logistic_all": "Logistic regression, all 60,000 labels", "knn_all": "5-nearest neighbours, all labels"}
+METHODS = {"kmeans_latent": "KMeans on μ", "gmm_latent": "Gaussian mixture on μ", "kmeans_tsne": "KMeans on t-SNE",
+           "gmm_tsne": "Gaussian mixture on t-SNE", "umap_gmm": "UMAP → Gaussian mixture"}
+PROBES = {"logistic_100": "logistic, 100 labels", "logistic_1000": "logistic, 1,000 labels",
+          "logistic_all": "logistic, 60,000 labels", "knn_all": "5-NN, 60,000 labels"}
 # Burda et al. 2016, Table 1 (VAE, one stochastic layer of 50 units; IWAE k = 50), and Pythae's benchmark: test NLL.
 PUBLISHED_NLL = [("VAE, 1 stochastic layer, 50 units (Burda et al. 2016)", 86.76),
                  ("IWAE, k = 50 (Burda et al. 2016)", 84.78), ("VAE (Pythae benchmark)", 89.78)]
+SWEEP = ROOT / "beta_sweep"  # python demo_script.py --beta-sweep ... --out-dir beta_sweep (README)
+SEEDS_DIR = SWEEP / "grid" / "beta_1"
 LIKELIHOOD_RUNS = {"z50": "50-d latent, 300 epochs", "z10": "10-d latent (the default model), 30 epochs"}
 
 
@@ -44,26 +46,54 @@ def errors(m, key, prefix):
     return f"{m[key]:.2f} ± {m[prefix + '_mc_se']:.2f} ± {m[prefix + '_test_se']:.2f}"
 
 
-def metrics_tables(m):
-    """metrics.json -> the README's headline, probe and clustering tables."""
-    d = m["kl_decomposition"]
-    lines = ["| Metric (10k test images) | Value |", "|---|---|",
-             f"| Test −ELBO at β = 1, nats ({m['test_eval_draws']} z per image) | {errors(m, 'test_neg_elbo', 'test_neg_elbo')} |",
-             f"| Test log p(x), IW bound, K = {m['iw_samples']}, nats | {errors(m, 'test_iw_log_likelihood', 'test_iw')} |",
-             f"| Active units | {m['active_units']} of {len(m['kl_per_dim'])} |",
-             f"| KL = MI + TC + dimension-wise KL, nats | {d['kl_closed_form']:.2f} = {d['mi']:.2f} + {d['tc']:.2f} + "
-             f"{d['dim_kl']:.2f} |", "",
-             "| Probe on the latent means (uses labels) | Test accuracy |", "|---|---|"]
-    for key, name in PROBES.items():
-        p = m["probes"][key]
-        spread = f" ± {p['std']:.3f} ({p['draws']} draws)" if p["std"] is not None else ""
-        lines.append(f"| {name} | {p['mean']:.3f}{spread} |")
-    lines += ["", "| Clustering (no labels; labels only score) | ACC | NMI | ARI |", "|---|---|---|---|"]
-    for key, name in METHODS.items():
-        s = m["clustering"][key]
-        lines.append(f"| {name} | " + " | ".join(f"{s[k + '_mean']:.3f} ± {s[k + '_std']:.3f}"
-                                                  for k in ("acc", "nmi", "ari")) + " |")
+def number(m, path):
+    """A dotted path into metrics.json -> its value."""
+    for key in path.split("."):
+        m = m[key]
+    return m
+
+
+def headline_rows(m):
+    """metrics.json -> [(name, dotted path, format)] of the README's headline table, after the training totals."""
+    rows = [(f"Test −ELBO, β = 1 ({m['test_eval_draws']} z)", "test_neg_elbo", ".2f"),
+            (f"Test log p(x), IW, K = {m['iw_samples']}", "test_iw_log_likelihood", ".2f"),
+            ("KL, closed form", "kl_decomposition.kl_closed_form", ".2f"), ("… MI (at most 9.21)", "kl_decomposition.mi", ".2f"),
+            ("… total correlation", "kl_decomposition.tc", ".2f"), ("… dim-wise KL", "kl_decomposition.dim_kl", ".2f"),
+            ("Active units", "active_units", ".0f")]
+    rows += [(f"Probe: {name}", f"probes.{key}.mean", ".3f") for key, name in PROBES.items()]
+    return rows + [(f"ACC: {name}", f"clustering.{key}.acc_mean", ".3f") for key, name in METHODS.items()]
+
+
+def spread(values, fmt):
+    """Values over training seeds -> 'mean ± sample std'."""
+    return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def headline_table(m, loss_rows, seeds):
+    """The reference run's metrics.json and loss.txt rows, and {seed: (metrics.json, loss.txt rows)} of the seed runs
+    -> the README's headline table: the reference beside the mean ± sample std over training seeds."""
+    lines = [f"| Number (nats; accuracies) | Reference (seed {m['config']['seed']}) | {len(seeds)} seeds: mean ± std | "
+             "Published |", "|---|---|---|---|"]
+    by_epoch = {r["epoch"]: r for r in loss_rows}
+    for e in (10, 20, 30):
+        totals = [next(r["total"] for r in rows if r["epoch"] == e) for _, rows in seeds.values()]
+        lines.append(f"| Train total, epoch {e} | {by_epoch[e]['total']:.2f} | {spread(totals, '.2f')} | "
+                     f"{PUBLISHED_TOTAL[e]:.2f} |")
+    ref = {"test_neg_elbo": errors(m, "test_neg_elbo", "test_neg_elbo"),
+           "test_iw_log_likelihood": errors(m, "test_iw_log_likelihood", "test_iw")}
+    for name, path, fmt in headline_rows(m):
+        values = [number(sm, path) for sm, _ in seeds.values()]
+        lines.append(f"| {name} | {ref.get(path, format(number(m, path), fmt))} | {spread(values, fmt)} | |")
     return "\n".join(lines)
+
+
+def seed_runs():
+    """{seed: (metrics.json, loss.txt rows)} of the committed β = 1 training-seed runs."""
+    runs = {}
+    for d in sorted(SEEDS_DIR.glob("seed_*")):
+        rows = utils.parse_loss_table((d / "loss.txt").read_text())
+        runs[int(d.name[5:])] = json.loads((d / "metrics.json").read_text()), rows
+    return runs
 
 
 def likelihood_table(runs):
@@ -97,9 +127,11 @@ def test_readme_training_table_is_the_committed_loss_txt():
     assert training_table(rows) in readme()
 
 
-def test_readme_metrics_are_the_committed_metrics_json():
+def test_readme_headline_table_is_the_committed_runs():
     m = json.loads((ROOT / "metrics.json").read_text())
-    assert metrics_tables(m) in readme()
+    seeds = seed_runs()
+    assert len(seeds) >= 5 and all(sm["config"]["epochs"] == 30 for sm, _ in seeds.values())
+    assert headline_table(m, utils.parse_loss_table((ROOT / "loss.txt").read_text()), seeds) in readme()
     # the reference run is `python demo_script.py --no-progress`: the defaults, with the progress bars hidden
     defaults = vars(demo_script.parse_args(["--no-progress"]))
     assert {k: m["config"][k] for k in defaults} == defaults
@@ -123,8 +155,21 @@ def test_readme_likelihood_table_is_the_committed_binarized_runs():
     assert {m["test_set"]["md5"] for m in runs.values()} == {"4b677d582c22a81cb1406ab0f33e15f7"}  # the one fixed binary test set
 
 
+def sweep_columns(text, headers):
+    """beta_sweep.txt -> the same table with only the named columns, in their order."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.strip().splitlines() if line.startswith("|")]
+    keep = [rows[0].index(h) for h in headers]
+    lines = ["| " + " | ".join(rows[0][i] for i in keep) + " |", "|---" * len(keep) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows[2:]])
+
+
+SWEEP_README = ("β", "Seeds", "Test Recon", "Test KL", "Test -ELBO", "MI", "TC", "Probe 100 labels",
+                "kNN", "kmeans_latent ACC", "umap_gmm ACC")
+
+
 def test_readme_beta_study_is_the_committed_beta_sweep():
-    assert (ROOT / "beta_sweep.txt").read_text().strip() in readme()
+    assert sweep_columns((SWEEP / "beta_sweep.txt").read_text(), SWEEP_README) in readme()
+    assert "[beta_sweep/beta_sweep.txt](beta_sweep/beta_sweep.txt)" in readme()  # every column, linked
 
 
 def test_committed_figures_exist():
@@ -135,5 +180,7 @@ def test_committed_figures_exist():
 
 if __name__ == "__main__":
     print(training_table(utils.parse_loss_table((ROOT / "loss.txt").read_text())) + "\n")
-    print(metrics_tables(json.loads((ROOT / "metrics.json").read_text())) + "\n")
+    print(headline_table(json.loads((ROOT / "metrics.json").read_text()),
+                         utils.parse_loss_table((ROOT / "loss.txt").read_text()), seed_runs()) + "\n")
+    print(sweep_columns((SWEEP / "beta_sweep.txt").read_text(), SWEEP_README) + "\n")
     print(likelihood_table(likelihood_runs()))
