@@ -7,6 +7,7 @@ import math
 import os
 import random
 import signal
+import sys
 import tempfile
 import threading
 import warnings
@@ -549,7 +550,6 @@ def cluster_labels(features, method, seed, k=10, n_init=10):
 
 def umap_module():
     """-> umap-learn, imported with numba's on-disk cache on, so that only a machine's first UMAP compiles it."""
-    import sys
     import numba  # here, not at the top: only UMAP needs numba, and importing umap-learn costs seconds
     if "umap" not in sys.modules:
         # umap-learn asks numba to cache 1 of its 117 functions; compiling the rest took ~30 s of every process.
