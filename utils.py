@@ -1,6 +1,6 @@
 """Loss, schedules, training, evaluation, clustering and plots for the Beta-VAE. Plain functions, no state."""
-import base64
-import ctypes
+import errno
+import fcntl
 import io
 import json
 import math
@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import threadpoolctl
 import torch.nn.functional as F
+import matplotlib.patches
 from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
@@ -48,21 +50,6 @@ def limit_threads(n):
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
-def return_large_frees_to_the_os():
-    """glibc only: allocations over 4 MB always by mmap, so a freed large tensor goes back to the OS at once."""
-    # After training, glibc's adaptive threshold had moved 15 MB tensors onto the heap, which then fragmented: the IW
-    # bound at K=5000 grew by ~3 MB per test image until the kernel killed the run (24 GB). Fixing the threshold
-    # (mallopt M_MMAP_THRESHOLD = -3) stops that; training allocates nothing that large, so it is not slowed.
-    # Pinning it also pins the trim threshold at 128 kB, and trimming the heap's top on every free made the IW bound
-    # at K=100 36% slower (10.8 s against 7.9 s); a 128 MB trim threshold (M_TRIM_THRESHOLD = -1) gives 8.3 s.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)
-        libc.mallopt(-1, 128 << 20)
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, Windows, musl): their allocators have no such threshold to pin
-
-
 def resolve_device(name):
     """'auto' | 'cpu' | 'cuda' | 'mps' -> torch.device; ValueError when the device is not there."""
     has = {"cpu": True, "cuda": torch.cuda.is_available(),
@@ -76,37 +63,98 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def resolve_precision(name, device):
+    """'auto' | 'fp32' | 'bf16' -> the training precision on torch.device `device`; ValueError where bf16 cannot run."""
+    hardware = {"cpu": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+                "cuda": device.type == "cuda" and torch.cuda.is_bf16_supported()}  # oneDNN: AVX512-BF16 or AMX
+    if name == "auto":
+        return "bf16" if hardware.get(device.type) else "fp32"
+    if name == "bf16" and device.type not in hardware:
+        raise ValueError(f"bf16 autocast is not supported on {device.type}; use fp32")
+    return name  # bf16 on a CPU without bf16 units is allowed when asked for: correct, only slower
+
+
 @contextmanager
-def sigint_deferred():
-    """Hold Ctrl-C until the block ends, so a file being written is always finished first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread, which is where Ctrl-C lands
+def timed(timings, phase):
+    """Record the wall seconds of the with-block in timings[phase]."""
+    t0 = time.time()
+    yield
+    timings[phase] = round(time.time() - t0, 2)
+
+
+# The signals that stop a run cleanly: Ctrl-C, and SIGTERM (SLURM preemption, docker stop, kill, a Dask shutdown).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (sigterm_raises): a KeyboardInterrupt, so all that stops cleanly on Ctrl-C stops so on it."""
+
+
+def raise_terminated(signum, frame):
+    """SIGTERM's handler inside sigterm_raises."""
+    raise Terminated(f"signal {signum}")
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated in the block, as Ctrl-C raises KeyboardInterrupt; an inherited SIG_IGN stays."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield  # only the main thread can set a handler; an ignored SIGTERM is the caller's choice, as for Ctrl-C
         return
-    caught = []
-    # A handler, not pthread_sigmask: torch's own threads would still take the signal and interrupt the write.
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
-            previous(signal.SIGINT, caught[0])  # deliver it now: KeyboardInterrupt, or an outer block's record
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends, so a file being written is always finished first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread, which is where both signals land
+        return
+    caught = []
+    # A handler, not pthread_sigmask: torch's own threads would still take the signal and interrupt the write.
+    # An ignored signal (SIG_IGN, e.g. inherited from `nohup` or `&`) stays ignored; None: a handler set outside Python.
+    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # deliver the first now: KeyboardInterrupt, Terminated, an outer block's record, or death by it
+            signum, frame = caught[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)
+            else:
+                signal.raise_signal(signum)  # SIG_DFL: what the signal would have done outside the block
+
+
+sigint_deferred = interrupts_deferred  # its name before it held SIGTERM too
 
 
 def atomic_save(path, write):
-    """Call write(tmp_path), then os.replace: a crash at any moment leaves the previous complete file."""
-    path = Path(path)
-    with sigint_deferred():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+    """Call write(tmp_path), then os.replace: a crash, a signal or a failed write (a full disk) at any moment leaves the
+    previous complete file. A failed write raises OSError naming `path`."""
+    path, tmp = Path(path), None
+    with interrupts_deferred():
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
             write(tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())  # the bytes are on disk before the name points at them
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch.save and others report a failed write as a RuntimeError
+            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, reason, str(path)) from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def write_text(path, text):
@@ -117,6 +165,66 @@ def write_text(path, text):
 def write_json(path, obj):
     """Atomically replace a JSON file."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds a run folder's lock; the message names the folder and that process's pid."""
+
+
+LOCK_FILE = ".lock"  # in a run folder while a process writes there: that process's pid, under an exclusive flock
+
+
+def locked_descriptor(path, wait):
+    """-> an open descriptor of `path` (made if missing) holding its exclusive flock; FolderBusy if another process
+    holds it and not wait, else waits for it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "not yet written"
+            os.close(fd)
+            raise FolderBusy(f"--out-dir {path.parent} is in use by another run (pid {holder}); wait for it to end "
+                             "or choose another --out-dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file after we opened it: lock the one now at that path instead
+
+
+def remove_empty_folders(folders):
+    """rmdir each of `folders`, deepest first, stopping at the first that is not empty (someone else uses it)."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def folder_lock(folder, wait=False):
+    """One writer per run folder: hold an exclusive flock on folder/.lock for the block, released however the process
+    ends. FolderBusy at once if another process holds it, or with wait, wait for it. flock locks conflict between two
+    opens in one process too, so never nest two on one folder. Folders made for it go again if left empty."""
+    folder = Path(folder).absolute()
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first: the order to undo them
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = locked_descriptor(folder / LOCK_FILE, wait)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # still held: a process waiting on this file sees it gone and re-opens
+            os.close(fd)
+    finally:
+        remove_empty_folders(made)
 
 
 # ----------------------------------------------------------------------------- loss & schedules
@@ -215,8 +323,10 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
         xb = x[perm[i * bs:(i + 1) * bs]]
         if args.binarize:  # dynamic binarization (Burda et al. 2016): a fresh Bernoulli(x) draw each time x is used
             xb = torch.bernoulli(xb)
-        logits, mu, logvar = model(xb)
-        recon, kl, kl_fb = vae_terms(logits, xb, mu, logvar, args.loss, args.free_bits)
+        # bf16: the network's matrix products only; the loss terms, Adam and the master weights stay fp32
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            logits, mu, logvar = model(xb)
+        recon, kl, kl_fb = vae_terms(logits.float(), xb, mu.float(), logvar.float(), args.loss, args.free_bits)
         loss = objective(recon, kl, kl_fb, t, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,45 +400,6 @@ def evaluate(model, x, kind, seed=0, batch_size=5000, draws=1):
                 mc_se=mc_se, test_se=test_se)
 
 
-def iw_log_weights(model, xb, mu, logvar, k, kind, generator):
-    """xb: (B, 784), mu, logvar: (B, z) -> (k, B) log p(x, z_k) - log q(z_k | x) for k draws z_k ~ q(z | x)."""
-    mu_k, logvar_k = mu.expand(k, *mu.shape), logvar.expand(k, *logvar.shape)
-    z = model.reparameterize(mu_k, logvar_k, generator=generator)
-    logits = model.decode(z)
-    # Bernoulli log p(x|z) = x.l - softplus(l): two passes over (k, B, 784) where BCE-with-logits makes five.
-    log_px_z = (torch.linalg.vecdot(logits, xb) - F.softplus(logits).sum(-1) if kind == "bce"
-                else -recon_per_image(logits, xb.expand(k, *xb.shape), kind))
-    log_pz = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-    return log_px_z + log_pz - log_normal(z, mu_k, logvar_k).sum(-1)
-
-
-@torch.no_grad()
-def iw_log_likelihood(model, x, k, kind, seed=0, chunk=1000, show_progress=False):
-    """x: (N, 784) -> log p(x) estimates with k importance samples (Burda et al. 2016, Eq. 8) and their MC variances, (N,) each."""
-    # chunk = decoded samples per pass: memory stays at chunk x 784 floats for any K, and a running logsumexp carries
-    # large K across passes. At 1000 a pass's tensors (3 MB) stay under the 4 MB mmap threshold: at K=5000, passes
-    # of 5000 (mmapped, page-faulted afresh each time) ran at 44% of the matmul ceiling, passes of 1000 at 68-79%.
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    per_pass, step = min(k, chunk), max(1, chunk // k)
-    # Filled in place: a small tensor kept per image split the heap's freed 3 MB blocks, and at K=5000 the process
-    # grew by ~1 MB per image.
-    out = torch.empty(2, x.shape[0], device=x.device, dtype=x.dtype)
-    with tqdm(total=x.shape[0], desc=f"IW bound, K={k}", leave=False, disable=not show_progress) as bar:
-        for i, xb in zip(range(0, x.shape[0], step), batched(x, step)):
-            mu, logvar = model.encode(xb)
-            lse = lse2 = torch.full((xb.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
-            for start in range(0, k, per_pass):
-                log_w = iw_log_weights(model, xb, mu, logvar, min(per_pass, k - start), kind, gen)
-                lse, lse2 = lse.logaddexp(log_w.logsumexp(0)), lse2.logaddexp((2 * log_w).logsumexp(0))
-            # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) = sum w^2 / (sum w)^2 - 1/K (Owen 2013, Monte Carlo
-            # theory, methods and examples, Ch. 9). It can understate the error when a few weights dominate.
-            out[0, i:i + len(xb)], out[1, i:i + len(xb)] = lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k
-            bar.update(xb.shape[0])
-    log_px, mc_var = out.cpu().double()  # float64 on the CPU only: MPS has none
-    return log_px, mc_var.clamp(min=0)
-
-
 def active_units(mu, threshold=0.01):
     """mu: (N, z) -> bool (z,): active if Cov_x(E[z|x]) > threshold (Burda et al. 2016, Sec. 5.2)."""
     return mu.var(dim=0) > threshold
@@ -369,75 +440,6 @@ def decoded_images(model, z):
     p = next(model.parameters())
     z = torch.as_tensor(z, dtype=p.dtype, device=p.device)  # the caller may hold CPU numpy (e.g. slider values)
     return torch.sigmoid(model.decode(z)).reshape(-1, 28, 28).cpu().numpy()
-
-
-# ----------------------------------------------------------------------------- what the code holds: KL decomposition, probes
-
-
-def aggregate_log_densities(z, mu, logvar):
-    """z: (B, d), posteriors mu, logvar: (N, d) -> log q(z) (B,) and log q(z_j) (B, d) under q(z) = mean_m q(z | x_m)."""
-    # log_normal's terms, in place on one (B, d, N) buffer with N last: the O(N^2 d) part of the estimator. Fresh
-    # temporaries for each term made it 3x slower (page faults on large allocations).
-    per_dim = z[:, :, None] - mu.T[None]
-    per_dim.square_().mul_((-logvar.T).exp()[None]).add_((logvar.T + LOG_2PI)[None]).mul_(-0.5)
-    log_n = math.log(mu.shape[0])
-    return per_dim.sum(1).logsumexp(-1) - log_n, per_dim.logsumexp(-1) - log_n
-
-
-def kl_decomposition_terms(mu, logvar, generator=None, max_elements=2 ** 24):
-    """mu, logvar: (N, d) -> (N, 4) log q(z_n|x_n), log q(z_n), sum_j log q(z_nj), log p(z_n) at one z_n ~ q(z|x_n)."""
-    # The full-dataset estimator of rtqichen/beta-tcvae's elbo_decomposition.py, batched so that memory stays at
-    # max_elements floats (64 MB) whatever N is.
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    z = mu + eps * torch.exp(0.5 * logvar)
-    rows = []
-    for zb, mub, logvarb in zip(*(batched(t, max(1, max_elements // mu.numel())) for t in (z, mu, logvar))):
-        log_qz, log_qz_j = aggregate_log_densities(zb, mu, logvar)
-        log_pz = -0.5 * (zb.pow(2) + LOG_2PI).sum(-1)
-        rows.append(torch.stack([log_normal(zb, mub, logvarb).sum(-1), log_qz, log_qz_j.sum(-1), log_pz], dim=1))
-    return torch.cat(rows)
-
-
-def kl_decomposition(mu, logvar, seed=0):
-    """mu, logvar: (N, d) -> dict of nats: mi, tc, dim_kl, their sum (with its MC std error), the closed-form KL, log N."""
-    gen = torch.Generator(device=mu.device).manual_seed(seed)
-    log_qzx, log_qz, log_qz_prod, log_pz = kl_decomposition_terms(mu, logvar, gen).cpu().double().T
-    # Chen et al. 2018 (beta-TCVAE), Eq. 2: E_x KL(q(z|x) || p(z)) = I_q(x; z) + TC(q(z)) + sum_j KL(q(z_j) || p(z_j))
-    terms = dict(mi=log_qzx - log_qz, tc=log_qz - log_qz_prod, dim_kl=log_qz_prod - log_pz)
-    total = log_qzx - log_pz
-    n = mu.shape[0]
-    # log q(z_n) >= log q(z_n | x_n) - log N, so the MI estimate can never exceed log N, whatever the true MI is.
-    return {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()),
-            "sum_mc_se": float(total.std()) / math.sqrt(n), "kl_closed_form": float(kl_per_dim(mu, logvar).sum(-1).mean()),
-            "mi_bound": math.log(n)}
-
-
-def balanced_subset(y, n, rng):
-    """y: (N,) labels -> indices of n examples, n / classes of each class, drawn without replacement."""
-    classes = np.unique(y)
-    return np.concatenate([rng.choice(np.flatnonzero(y == c), n // len(classes), replace=False) for c in classes])
-
-
-def probe_accuracies(train_mu, train_y, test_mu, test_y, sizes=(100, 1000), draws=5, seed=0):
-    """(n, d) train and (m, d) test latent means with labels -> test accuracy of logistic probes and kNN, by label count."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    probe = lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    out = {}
-    for n in sizes:  # class-balanced draws of n labels, several times: few-label accuracy varies with the draw
-        if np.bincount(train_y).min() < n // len(np.unique(train_y)):
-            continue  # a small --limit holds too few examples of some class for n balanced labels
-        accs = [probe().fit(train_mu[i], train_y[i]).score(test_mu, test_y) for i in
-                (balanced_subset(train_y, n, np.random.default_rng(seed + d)) for d in range(draws))]
-        out[f"logistic_{n}"] = dict(mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)), labels=n, draws=draws)
-    n = len(train_y)
-    for name, model in [("logistic_all", probe()), ("knn_all", KNeighborsClassifier(n_neighbors=5))]:
-        acc = float(model.fit(train_mu, train_y).score(test_mu, test_y))
-        out[name] = dict(mean=acc, std=None, labels=n, draws=1)  # one fit on every label: no spread to report
-    return out
 
 
 # ----------------------------------------------------------------------------- loss.txt & checkpoints
@@ -490,7 +492,9 @@ def restore_rng(state):
 
 def save_checkpoint(path, state):
     """Atomically replace a checkpoint file."""
-    atomic_save(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()  # serialised here, written by Python: a full disk then says so, where torch.save's own
+    torch.save(state, buffer)  # writer only reports "unexpected pos"
+    atomic_save(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
@@ -505,6 +509,12 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
         raise CheckpointError(f"{path} is not a checkpoint written by this project")
     return state
+
+
+# Flags that define the trained model: a checkpoint resumed with any of them changed would not be the same run.
+RUN_FIELDS = ("dataset", "latent_dim", "hidden", "loss", "epochs", "batch_size", "limit", "beta_max", "schedule",
+              "warmup_epochs", "cycles", "cycle_ratio", "gamma", "capacity_max", "free_bits", "lr", "lr_schedule",
+              "seed", "binarize", "precision")
 
 
 def config_mismatch(saved, requested, fields):
@@ -548,17 +558,40 @@ def cluster_labels(features, method, seed, k=10, n_init=10):
     return gmm.fit(features).predict(features)
 
 
+@contextmanager
+def numba_caching(on):
+    """In the block numba.njit caches on disk unless a call says not to (on), or njit and vectorize never do (off);
+    both are restored after the block, whatever happens in it."""
+    import numba  # here, not at the top: only UMAP needs numba, and it costs ~0.6 s
+    njit, vectorize = numba.njit, numba.vectorize
+    if on:
+        numba.njit = lambda *a, **k: njit(*a, **{"cache": True, **k})
+    else:  # umap-learn and pynndescent ask for cache=True themselves, which fails where nothing can be cached
+        numba.njit = lambda *a, **k: njit(*a, **{**k, "cache": False})
+        numba.vectorize = lambda *a, **k: vectorize(*a, **{**k, "cache": False})
+    try:
+        yield
+    finally:
+        numba.njit, numba.vectorize = njit, vectorize
+
+
 def umap_module():
-    """-> umap-learn, imported with numba's on-disk cache on, so that only a machine's first UMAP compiles it."""
-    import numba  # here, not at the top: only UMAP needs numba, and importing umap-learn costs seconds
+    """-> umap-learn, its numba code cached on disk so that only a machine's first UMAP compiles it; where numba can
+    write no cache (unwritable NUMBA_CACHE_DIR, home and install), compiled in every process, with one warning."""
     if "umap" not in sys.modules:
         # umap-learn asks numba to cache 1 of its 117 functions; compiling the rest took ~30 s of every process.
-        njit = numba.njit
-        numba.njit = lambda *a, **k: njit(*a, **{"cache": True, **k})
         try:
-            import umap
-        finally:
-            numba.njit = njit
+            with numba_caching(True):
+                import umap  # noqa: F401
+        except RuntimeError as e:  # numba, at import: "cannot cache function 'f': no locator available for file ..."
+            if "no locator available" not in str(e):
+                raise
+            for name in [m for m in sys.modules if m.split(".")[0] in ("umap", "pynndescent")]:
+                del sys.modules[name]  # half-imported, with functions set to cache: import them afresh
+            sys.stderr.write("warning: numba has no writable cache folder (NUMBA_CACHE_DIR, home, site-packages); "
+                             "UMAP's code is compiled afresh in this process (~30 s)\n")
+            with numba_caching(False):
+                import umap  # noqa: F401
     return sys.modules["umap"]
 
 
@@ -598,7 +631,10 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
     from openTSNE import TSNE  # here, not at the top: it costs ~1 s of every start-up, --help included
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
                 n_iter=max_iter - 250, n_jobs=n_jobs)
-    return np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
+    emb = np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
+    if not np.isfinite(emb).all():  # openTSNE returns NaN, without an error, for identical points (a collapsed code)
+        raise FloatingPointError("t-SNE gave non-finite coordinates: the latent means are (nearly) all the same")
+    return emb
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -606,8 +642,8 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
 
 
 def save_figure(fig, path):
-    """Write the figure as PNG and hand it back, so notebooks can display it."""
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    """Write the figure as PNG (atomically: a failed write leaves the previous one) and hand it back, for notebooks."""
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     return fig
 
 
@@ -688,7 +724,7 @@ def plot_confusion(y_true, y_pred, path, names):
 def image_grid(images, path, nrow):
     """images: (N, 784) in [0, 1] -> saves a make_grid PNG and returns the (3, H, W) grid."""
     grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, padding=2, pad_value=1.0)
-    save_image(grid, path)
+    atomic_save(path, lambda tmp: save_image(grid, tmp, format="png"))
     return grid
 
 
@@ -712,8 +748,9 @@ def plot_kl_per_dim(kl, active, path):
     return save_figure(fig, path)
 
 
-def plot_traversals(images, dims, kl, active, values, path):
-    """images: (len(dims), D, V, 784) -> one block of rows per dimension, labelled with its KL."""
+def plot_traversals(images, dims, kl, active, values, path, labels=None):
+    """images: (len(dims), D, V, 784) -> one block of rows per dimension, labelled with its KL and, where labels
+    {dim: text} has one, what it does (e.g. 'z4: slant +1.8 sd')."""
     n_dims, n_digits, n_vals, _ = images.shape
     grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=n_vals, padding=2, pad_value=1.0)[0]
     fig = Figure(figsize=(n_vals * 0.55 + 1.6, n_dims * n_digits * 0.55))
@@ -722,70 +759,42 @@ def plot_traversals(images, dims, kl, active, values, path):
     row_h = grid.shape[0] / (n_dims * n_digits)
     for r in range(1, n_dims):
         ax.axhline(r * n_digits * row_h, color="tab:red", lw=1.5)
+    labels = labels or {}
     ax.set_yticks([(r + 0.5) * n_digits * row_h for r in range(n_dims)],
-                  [f"z{d} KL {kl[d]:.2f}" + ("" if active[d] else "\n(inactive)") for d in dims], fontsize=7)
+                  [labels.get(d, f"z{d}") + f"\nKL {kl[d]:.2f}" + ("" if active[d] else " (inactive)") for d in dims],
+                  fontsize=7)
     ax.set_xticks([(i + 0.5) * grid.shape[1] / n_vals for i in range(n_vals)], [f"{v:+.1f}" for v in values],
                   fontsize=6)
     ax.set_title("Latent traversals of μ(x), ordered by KL", fontsize=9)
     return save_figure(fig, path)
 
 
-def digit_png(pixels, scale=8):
-    """pixels: (28, 28) in [0, 1] -> PNG bytes, each pixel a scale x scale block (sharp at any zoom)."""
-    big = torch.as_tensor(pixels).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-    buf = io.BytesIO()
-    save_image(big[None], buf, format="png")
-    return buf.getvalue()
-
-
-def latent_explorer(model, mu, y, kl, class_names):
-    """mu: (N, z) codes, y: (N,), kl: (z,) -> dict panel (ipywidgets), sliders (by KL), image, png (first image)."""
-    import ipywidgets as w  # only the notebook needs it: utils imports without it
-    mu, kl = np.asarray(mu), np.asarray(kl)
-    dims, starts = np.argsort(-kl), class_examples(y, range(len(class_names)))
-    digit = w.Dropdown(options=[(f"{n} (test image {i})", i) for n, i in zip(class_names, starts)],
-                       description="start")
-    reset = w.Button(description="reset to its μ")
-    lim = np.maximum(3.0, np.ceil(np.abs(mu).max(0)))  # every test code fits: no slider clips a μ
-    sliders = [w.FloatSlider(value=mu[starts[0], d], min=-lim[d], max=lim[d], step=0.05,
-                             description=f"z{d} (KL {kl[d]:.2f})", style={"description_width": "initial"})
-               for d in dims]
-    # HTML with a data-URI PNG, not widgets.Image, whose binary comm buffers Colab has not always carried
-    image = w.HTML()
-
-    def draw(_=None):
-        z = np.zeros((1, len(kl)), dtype=np.float32)
-        z[0, dims] = [s.value for s in sliders]
-        png = digit_png(decoded_images(model, z)[0])
-        image.value = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="decoded z">'
-        return png
-
-    def to_digit(_=None):
-        for s, d in zip(sliders, dims):
-            s.value = float(mu[digit.value, d])
-
-    for s in sliders:
-        s.observe(draw, names="value")
-    digit.observe(to_digit, names="value")
-    reset.on_click(to_digit)
-    panel = w.VBox([w.HBox([digit, reset]), w.HBox([w.VBox(sliders), image])])
-    return dict(panel=panel, sliders=sliders, image=image, png=draw())
-
-
-def widget_with_png(widget, png):
-    """-> raw display bundle: the live widget where widgets run, the PNG where they do not (GitHub, nbviewer)."""
-    # Frontends draw the richest type they know: JupyterLab ranks the widget view first, static renderers skip it.
-    view = {"version_major": 2, "version_minor": 0, "model_id": widget.model_id}  # ipywidgets 7 and 8 alike
-    return {"application/vnd.jupyter.widget-view+json": view, "image/png": base64.b64encode(png).decode(),
-            "text/plain": f"{type(widget).__name__} widget: run the cell in Jupyter or Colab"}
+def plot_factors(mi, factor_names, path):
+    """mi: (z, k) mutual information of each latent dimension with each factor -> heat map, each factor's column
+    normalised by its largest MI, the top dimension of each factor boxed."""
+    mi = np.asarray(mi, dtype=float)
+    share = mi / np.where(mi.max(0) > 0, mi.max(0), 1.0)
+    fig = Figure(figsize=(1.1 * len(factor_names) + 2, 0.42 * len(mi) + 1.5))
+    ax = fig.subplots()
+    ax.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for j, i in enumerate(mi.argmax(0)):
+        ax.add_patch(matplotlib.patches.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, color="tab:red", lw=2))
+    for i, j in np.ndindex(mi.shape):
+        ax.text(j, i, f"{mi[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w" if share[i, j] < 0.6 else "k")
+    ax.set_xticks(range(len(factor_names)), factor_names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(mi)), [f"z{i}" for i in range(len(mi))], fontsize=8)
+    ax.set_title("MI (nats) between latent means and Morpho-MNIST factors;\ncolour: share of each factor's top, "
+                 "box: its top dimension", fontsize=9)
+    return save_figure(fig, path)
 
 
 def plot_beta_sweep(rows, path):
     """rows: one dict per beta: beta, seeds and <key>_mean, <key>_std (nan for one seed) over training seeds for recon,
-    kl, acc, nmi, active_units, mi, tc and dim_kl -> rate-distortion, KL decomposition, ACC/NMI, active units."""
+    kl, acc, nmi, active_units, mi, tc, dim_kl, mig, sap and dci_d -> rate-distortion, KL decomposition, ACC/NMI,
+    active units, disentanglement."""
     b, col = [r["beta"] for r in rows], lambda key: np.array([r[key] for r in rows], dtype=float)
-    fig = Figure(figsize=(20, 4.2))
-    ax1, ax4, ax2, ax3 = fig.subplots(1, 4)
+    fig = Figure(figsize=(25, 4.2))
+    ax1, ax4, ax2, ax3, ax5 = fig.subplots(1, 5)
     ax1.errorbar(col("kl_mean"), col("recon_mean"), xerr=col("kl_std"), yerr=col("recon_std"), marker="o", capsize=3)
     for r in rows:
         ax1.annotate(f"β={r['beta']:g}", (r["kl_mean"], r["recon_mean"]), fontsize=8, xytext=(4, 4),
@@ -803,10 +812,14 @@ def plot_beta_sweep(rows, path):
     ax3.errorbar(b, col("active_units_mean"), yerr=col("active_units_std"), marker="o", capsize=3)
     ax3.set(xlabel="β", ylabel="active units", title="Active units")
     ax3.set_ylim(0, np.nanmax(col("active_units_mean") + np.nan_to_num(col("active_units_std"))) + 1)
+    for key, label in [("mig", "MIG"), ("sap", "SAP"), ("dci_d", "DCI disentanglement")]:
+        ax5.errorbar(b, col(f"{key}_mean"), yerr=col(f"{key}_std"), marker="o", capsize=3, label=label)
+    ax5.set(xlabel="β", ylabel="score", title="Disentanglement of Morpho-MNIST factors")
+    ax5.legend()
     seeds = sorted({r["seeds"] for r in rows})
     fig.suptitle(f"mean ± sample std over {'/'.join(map(str, seeds))} training seeds per β (no bar: one seed)",
                  fontsize=10)
-    for ax in (ax2, ax3, ax4):  # symlog: log-spaced betas, and beta = 0 still has a place
+    for ax in (ax2, ax3, ax4, ax5):  # symlog: log-spaced betas, and beta = 0 still has a place
         ax.set_xscale("symlog", linthresh=min([x for x in b if x > 0] or [1]))
         ax.set_xticks(b, [f"{x:g}" for x in b])
         ax.set_xlim(min(b) * 0.8 if min(b) > 0 else -0.1, max(b) * 1.25)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import demo_script  # noqa: E402
+import measures  # noqa: E402
 import utils  # noqa: E402
 from model import BetaVAE, VAEConfig  # noqa: E402
 
@@ -206,8 +207,8 @@ def evaluation_rows(model, mu, test_x, test_y, args, reps):
              lambda: utils.evaluate(model, test_x, args.loss)["neg_elbo"]),
             ("test −ELBO, `utils.evaluate` (10k, 10 z each: the final one)", "−ELBO {:.2f} nats",
              lambda: utils.evaluate(model, test_x, args.loss, draws=10)["neg_elbo"]),
-            (f"`utils.iw_log_likelihood`, K={args.iw_samples} (10k)", "IW estimate of log p(x) {:.2f} nats",
-             lambda: utils.iw_log_likelihood(model, test_x, args.iw_samples, args.loss)[0].mean().item()),
+            (f"`measures.iw_log_likelihood`, K={args.iw_samples} (10k)", "IW estimate of log p(x) {:.2f} nats",
+             lambda: measures.iw_log_likelihood(model, test_x, args.iw_samples, args.loss)[0].mean().item()),
             (f"KMeans on test μ, `clustering_scores`, {args.kmeans_seeds} seeds", "ACC {:.3f}",
              lambda: utils.clustering_scores(mu, test_y.numpy(), "kmeans", seeds)["acc_mean"])]
     samples = [[measure(fn) for _, _, fn in jobs] for _ in range(reps)]  # interleaved: one of each per round
@@ -220,7 +221,7 @@ def evaluation_rows(model, mu, test_x, test_y, args, reps):
 
 def iw_rows(model, x, kind, k, reps):
     """The IW bound at large K (issue 15): seconds, decoder passes/s and share of the ceiling around each rep."""
-    runs = [with_ceiling(utils.iw_log_likelihood, model, x, k, kind) for _ in range(reps)]
+    runs = [with_ceiling(measures.iw_log_likelihood, model, x, k, kind) for _ in range(reps)]
     (n, ll), times, ceilings = (x.shape[0], runs[-1][1]), [r[0] for r in runs], [r[2] for r in runs]
     dec, enc = 2 * macs(model.decoder), 2 * macs(model.encoder)  # 2 FLOP per multiply-add, forward only
     flop = n * (enc + k * dec)
@@ -229,7 +230,7 @@ def iw_rows(model, x, kind, k, reps):
     gflops, gf_spread, _ = summary(times, "{:.1f}", per=lambda s: flop / s / 1e9)
     ceil = summary(ceilings, per=lambda s: MM_FLOPS / s / 1e9)[0]
     share = paired(times, ceilings, lambda s, mm: (flop / s) / (MM_FLOPS / mm))
-    return [("6", f"`utils.iw_log_likelihood`, K={k}, first {n} test images", f"{t:.2f} s", t_spread,
+    return [("6", f"`measures.iw_log_likelihood`, K={k}, first {n} test images", f"{t:.2f} s", t_spread,
              f"IW estimate of log p(x) {ll[0].mean():.2f} ± {ll[1].sum().sqrt() / n:.2f} (MC se) nats; {note}"),
             ("6", "… decoder passes/s (image × sample)", f"{pps:,.0f}", pps_spread, f"{n * k:,} passes"),
             ("6", "… achieved GFLOP/s (% of ceiling)", f"{gflops:.1f} (**{100 * share:.0f}%**)", gf_spread,
@@ -267,7 +268,7 @@ def full_run_row(data_dir, extra):
 def main(argv=None):
     opts = parse(argv)
     args = demo_script.parse_args([])  # the project's defaults: batch size, model, loss, schedules, K, seeds
-    utils.return_large_frees_to_the_os()  # as demo_script.run: row 6's IW bound runs after row 2's training
+    measures.return_large_frees_to_the_os()  # as demo_script.run: row 6's IW bound runs after row 2's training
     header = [f"# Beta-VAE speed benchmark ({time.strftime('%Y-%m-%d %H:%M')})", "", machine_info()]
     print("\n".join(header), flush=True)
     train_x, _, test_x, test_y = data.load_mnist(opts.data_dir)

@@ -1,13 +1,20 @@
+import signal
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import threadpoolctl
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import demo_script  # noqa: E402
+from model import BetaVAE, VAEConfig  # noqa: E402
 
 DATA_DIR = ROOT / "data"
 # UMAP is off (--umap-seeds 0) except in the one quick run that checks its row: each embedding costs seconds.
@@ -30,3 +37,46 @@ def run_cli(argv):
     except SystemExit as e:
         return e.code
     return 0
+
+
+def default_signals():
+    """Popen's preexec_fn: the child starts with default Ctrl-C and SIGTERM handling, not whatever pytest inherited
+    (a background job of a non-interactive shell, e.g. `nohup ... &`, ignores SIGINT, and exec keeps an ignore)."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_DFL)
+
+
+def wait_for(path, proc, seconds=180):
+    """Poll until `path` exists; the test fails, with the child's stderr, if the child ends or time runs out first."""
+    deadline = time.time() + seconds
+    while not path.exists():
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"no {path.name} within {seconds} s: {proc.communicate()[1][-1500:]}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def thread_limits_restored():
+    """An in-process run with --threads caps this whole pytest process: put every pool back afterwards."""
+    torch_threads, pools = torch.get_num_threads(), threadpoolctl.threadpool_info()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        threadpoolctl.threadpool_limits(limits=pools)
+        if "numba" in sys.modules:
+            sys.modules["numba"].set_num_threads(sys.modules["numba"].config.NUMBA_NUM_THREADS)
+
+
+def tiny_model():
+    """A seeded 784-32-16-3 model: fast, and the same in every test."""
+    torch.manual_seed(0)
+    return BetaVAE(VAEConfig(hidden=(32, 16), latent_dim=3))
+
+
+def planted(n_per_class, dim, scale, seed=0):
+    """-> (10 * n_per_class, dim) points around 10 random centres scaled by `scale`, and their labels."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(10), n_per_class)
+    return rng.normal(size=(10, dim))[y] * scale + rng.normal(size=(y.size, dim)), y

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import utils
-from conftest import QUICK, ROOT, run_cli
+from conftest import QUICK, ROOT, default_signals, run_cli
 
 OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt"] + [
     f"samples/{f}.png" for f in ("train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean",
@@ -87,7 +87,7 @@ def test_sigint_mid_training_then_resume_matches_uninterrupted_run(mnist_dir, tm
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert run_cli(argv + ["--out-dir", ref]) == 0
     proc = subprocess.Popen([sys.executable, "demo_script.py", *argv, "--out-dir", str(cut)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.time() + 120
     while not (cut / "checkpoint.pt").exists():
         if time.time() > deadline or proc.poll() is not None:

@@ -15,11 +15,12 @@ import torch
 
 import data
 import demo_script
+import measures
 import utils
 from model import BetaVAE, VAEConfig
 
 ARGS = argparse.Namespace(batch_size=8, epochs=1, loss="bce", free_bits=0.5, schedule="linear", beta_max=1.0,
-                          warmup_epochs=2, cycles=1, cycle_ratio=0.5, gamma=10.0, capacity_max=5.0, lr=1e-3,
+                          warmup_epochs=2, cycles=1, cycle_ratio=0.5, gamma=10.0, capacity_max=5.0, lr=1e-3, precision="fp32",
                           lr_schedule="cosine", seed=0, binarize=True)
 
 
@@ -41,9 +42,12 @@ def analysis_figures(model, x):
     y = np.arange(len(x)) % 10  # two of each class: the interpolations take each class's second example
     m, logvar = utils.encode_means(model, x)
     with tempfile.TemporaryDirectory() as out:
-        demo_script.analysis_figures(model, x, y, m, utils.kl_per_dim(m, logvar).mean(0), utils.active_units(m),
-                                     np.random.default_rng(0).random((len(x), 2)), y, ARGS, Path(out),
-                                     [str(c) for c in range(10)])
+        kl, dims, values = utils.kl_per_dim(m, logvar).mean(0), list(range(m.shape[1])), [-1.0, 0.0, 1.0]
+        traversal = (utils.traversal_images(model, m[:2], dims, values), dims, values)
+        factors = dict(mi=np.random.default_rng(0).random((m.shape[1], 6)).tolist(),
+                       atlas=[dict(dim=0, factor="slant", rho=0.9, effect_sd=1.5)])
+        measures.analysis_figures(model, x, y, m, (kl, utils.active_units(m)), np.random.default_rng(0).random(
+            (len(x), 2)), y, traversal, factors, ARGS, Path(out), [str(c) for c in range(10)])
         return sorted(p.name for p in Path(out).iterdir())
 
 
@@ -69,22 +73,22 @@ FUNCTIONS = {
     "utils.traversal_images": (lambda m, x: utils.traversal_images(m, mu(m, x)[:2], [0, 2], [-1.0, 0.0, 1.0]), None),
     "utils.interpolation_images": (lambda m, x: utils.interpolation_images(m, mu(m, x)[:3], mu(m, x)[3:6], 5), None),
     "utils.log_normal": (lambda m, x: utils.log_normal(mu(m, x), *m.encode(x)), None),
-    "utils.aggregate_log_densities": (lambda m, x: utils.aggregate_log_densities(mu(m, x)[:4], *m.encode(x)), None),
-    "utils.kl_decomposition_terms": (lambda m, x: utils.kl_decomposition_terms(*m.encode(x), max_elements=100), None),
-    "utils.iw_log_weights": (lambda m, x: utils.iw_log_weights(m, x, *m.encode(x), 3, "bce", None), None),
+    "measures.aggregate_log_densities": (lambda m, x: measures.aggregate_log_densities(mu(m, x)[:4], *m.encode(x)), None),
+    "measures.kl_decomposition_terms": (lambda m, x: measures.kl_decomposition_terms(*m.encode(x), max_elements=100), None),
+    "measures.iw_log_weights": (lambda m, x: measures.iw_log_weights(m, x, *m.encode(x), 3, "bce", None), None),
     "utils.train_epoch": (train_epoch, ".item() for the progress bar and the NaN check's batch number, .tolist()"),
     "utils.encode_means": (lambda m, x: utils.encode_means(m, x, batch_size=7), "returns its means .cpu()"),
     "utils.evaluate": (lambda m, x: utils.evaluate(m, x, "bce", batch_size=8, draws=2),
                        "a torch.Generator cannot be made on meta; .item() of the sums"),
-    "utils.iw_log_likelihood": (lambda m, x: utils.iw_log_likelihood(m, x, 3, "bce", chunk=12),
+    "measures.iw_log_likelihood": (lambda m, x: measures.iw_log_likelihood(m, x, 3, "bce", chunk=12),
                                 "a torch.Generator cannot be made on meta; returns .cpu()"),
     "utils.neg_elbo_per_image": (lambda m, x: utils.neg_elbo_per_image(m, x, "bce", batch_size=8, draws=2),
                                  "a torch.Generator cannot be made on meta; returns .cpu()"),
-    "utils.kl_decomposition": (lambda m, x: utils.kl_decomposition(*(t.detach() for t in m.encode(x))),
+    "measures.kl_decomposition": (lambda m, x: measures.kl_decomposition(*(t.detach() for t in m.encode(x))),
                                "a torch.Generator cannot be made on meta; float() of the means"),
     "data.binarized": (lambda m, x: data.binarized(x, seed=0), "a torch.Generator cannot be made on meta"),
     "utils.decoded_images": (lambda m, x: utils.decoded_images(m, mu(m, x).tolist()), "returns numpy on the CPU"),
-    "demo_script.analysis_figures": (analysis_figures, "numpy, scikit-learn and matplotlib"),
+    "measures.analysis_figures": (analysis_figures, "numpy, scikit-learn and matplotlib"),
 }
 ON_META = [name for name, (_, needs_values) in FUNCTIONS.items() if needs_values is None]
 

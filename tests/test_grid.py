@@ -6,17 +6,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
-import threadpoolctl
-import torch
 
 import demo_script
+import grid
 import utils
-from conftest import QUICK, ROOT, run_cli
+from conftest import QUICK, ROOT, default_signals, run_cli, thread_limits_restored, wait_for
 
 BASE = QUICK + ["--epochs", "2", "--warmup-epochs", "0", "--test-limit", "1000", "--tsne-points", "500",
                 "--umap-seeds", "0"]  # β from the first step: the βs train different models
@@ -43,19 +40,6 @@ def table(out):
     return (out / "beta_sweep.txt").read_text()
 
 
-@contextmanager
-def thread_limits_restored():
-    """An in-process run with --threads caps this whole pytest process: put every pool back afterwards."""
-    torch_threads, pools = torch.get_num_threads(), threadpoolctl.threadpool_info()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(torch_threads)
-        threadpoolctl.threadpool_limits(limits=pools)
-        if "numba" in sys.modules:
-            sys.modules["numba"].set_num_threads(sys.modules["numba"].config.NUMBA_NUM_THREADS)
-
-
 def copy_grid(reference, dst, drop=(), keep_checkpoint=()):
     """The reference grid's members in dst, less the `drop` ones and the metrics.json of the `keep_checkpoint` ones."""
     shutil.copytree(reference / "grid", dst / "grid")
@@ -63,15 +47,6 @@ def copy_grid(reference, dst, drop=(), keep_checkpoint=()):
         shutil.rmtree(member(dst, b, s))
     for b, s in keep_checkpoint:
         (member(dst, b, s) / "metrics.json").unlink()
-
-
-def wait_for(path, proc, seconds=180):
-    deadline = time.time() + seconds
-    while not path.exists():
-        if time.time() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail(f"no {path.name} within {seconds} s: {proc.communicate()[1][-1500:]}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +115,7 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
     copy_grid(reference, tmp_path, drop=[("0.5", 2)], keep_checkpoint=[("2", 1)])
     argv = [str(a) for a in GRID + ["--workers", "2", "--out-dir", tmp_path]]
     proc = subprocess.Popen([sys.executable, "demo_script.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     wait_for(member(tmp_path, "0.5", 2) / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -151,6 +126,21 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
     for b, s in MEMBERS:
         assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
     assert "resuming after epoch 2" in (member(tmp_path, "2", 1) / "stdout.txt").read_text()
+    assert table(tmp_path) == table(reference)
+
+
+def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(reference, tmp_path):
+    # The same command twice at once: a member the other holds is waited for, then read back, never trained again.
+    argv = [sys.executable, "demo_script.py", *map(str, GRID + ["--threads", "1", "--out-dir", tmp_path])]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("epoch   1  beta") == len(MEMBERS) and "resuming" not in stdout  # each trained once, whole
+    for b, s in MEMBERS:
+        assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
+        assert not (member(tmp_path, b, s) / ".lock").exists()
     assert table(tmp_path) == table(reference)
 
 
@@ -191,7 +181,7 @@ def test_dask_grid_survives_a_killed_worker_and_equals_the_sequential_grid(refer
 
 def test_headline_numbers_skip_what_a_member_lacks():
     m = {"test_kl": 3, "test_iw_log_likelihood": None, "clustering": {"umap_gmm": {"acc_mean": 0.5, "nmi_mean": 0.25}}}
-    assert demo_script.headline_numbers(m) == {"test_kl": 3.0, "umap_gmm_acc": 0.5, "umap_gmm_nmi": 0.25}
+    assert grid.headline_numbers(m) == {"test_kl": 3.0, "umap_gmm_acc": 0.5, "umap_gmm_nmi": 0.25}
 
 
 BAD = [(["--beta-sweep", "1", "--workers", "0"], "--workers"), (["--beta-sweep", "1", "--threads", "0"], "--threads"),

@@ -20,7 +20,7 @@ def quick_notebook(data_dir, out_dir, **extra):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "demo.ipynb needs exactly one cell tagged 'parameters'"
-    overrides = {**dict(EPOCHS=1, LIMIT=3000, TSNE_POINTS=500, KMEANS_SEEDS=2, LOAD_CHECKPOINT=False,
+    overrides = {**dict(EPOCHS=1, LIMIT=3000, TEST_LIMIT=2000, TSNE_POINTS=500, KMEANS_SEEDS=2, LOAD_CHECKPOINT=False,
                         DATA_DIR=str(data_dir), OUT_DIR=str(out_dir)), **extra}
     params[0].source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
     return nb
@@ -76,6 +76,9 @@ def test_notebook_reports_the_metrics(executed):
     acc = float(re.search(r"ACC (\d\.\d+) ± \d\.\d+", text).group(1))
     assert 0.1 < acc <= 1.0
     assert "| Epoch | β | Total Loss |" in text  # the loss.txt table, rendered as Markdown
+    mig, sap, d = map(float, re.search(r"MIG (\d\.\d+) +SAP (\d\.\d+) +DCI disentanglement (\d\.\d+)", text).groups())
+    assert 0 <= mig <= 1 and 0 <= sap <= 1 and 0 <= d <= 1
+    assert re.search(r"slant +top dimension z\d", text)  # one line per Morpho-MNIST factor
 
 
 def test_notebook_latent_explorer_redraws_when_a_slider_moves(executed):
@@ -92,7 +95,7 @@ def test_notebook_writes_into_out_dir(executed):
     # the checkpoint goes to OUT_DIR, never over the reference checkpoint.pt at the repo root
     figures = {f"{name}.png" for name in (
         "digits", "latent_dist_before_train", "train_loss", "latent_dist_after_train", "kl_per_dim", "confusion",
-        "tsne", "kmean", "generated_num", "reconstructions", "traversals")}
+        "tsne", "kmean", "generated_num", "reconstructions", "traversals", "factors")}
     assert {"checkpoint.pt", "loss.txt"} | figures <= {f.name for f in out.iterdir()}
 
 

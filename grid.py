@@ -1,0 +1,331 @@
+"""The β × training-seed grid: members, executors (in-process, process pool, Dask), aggregation and its tables."""
+import concurrent.futures as cf
+import copy
+import json
+import math
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import threading
+from contextlib import contextmanager, nullcontext, redirect_stdout
+from pathlib import Path
+
+import utils
+
+# Each member is an ordinary run in OUT_DIR/grid/beta_<b>/seed_<s>/, with its own loss.txt, metrics.json,
+# checkpoint.pt and samples/. A concurrent.futures executor runs them: in this process one after another
+# (InlineExecutor), in a pool of spawned processes (--workers), or on a Dask cluster (--scheduler).
+
+# What the grid averages over training seeds: dotted paths into a member's metrics.json (add a key here and it is
+# aggregated into grid.json and seeds_summary.txt); headline_numbers adds every clustering method's ACC, NMI, ARI.
+HEADLINE = ("test_recon", "test_kl", "test_neg_elbo", "test_iw_log_likelihood", "active_units", "kl_decomposition.mi",
+            "kl_decomposition.tc", "kl_decomposition.dim_kl", "probes.logistic_100.mean", "probes.logistic_1000.mean",
+            "probes.logistic_all.mean", "probes.knn_all.mean", "disentanglement.mig", "disentanglement.sap",
+            "disentanglement.dci_d", "disentanglement.dci_c", "disentanglement.dci_i")
+
+
+# beta_sweep.txt's columns before each clustering method's ACC and NMI: (headline key, header, format).
+SWEEP_COLUMNS = (("test_recon", "Test Recon", ".2f"), ("test_kl", "Test KL", ".2f"),
+                 ("test_neg_elbo", "Test -ELBO", ".2f"), ("test_iw_log_likelihood", "IW log p(x)", ".2f"),
+                 ("active_units", "Active Units", ".1f"), ("kl_decomposition.mi", "MI", ".2f"),
+                 ("kl_decomposition.tc", "TC", ".2f"), ("kl_decomposition.dim_kl", "Dim-wise KL", ".2f"),
+                 ("probes.logistic_100.mean", "Probe 100 labels", ".3f"),
+                 ("probes.logistic_1000.mean", "Probe 1000 labels", ".3f"),
+                 ("probes.logistic_all.mean", "Probe all labels", ".3f"), ("probes.knn_all.mean", "kNN", ".3f"),
+                 ("disentanglement.mig", "MIG", ".3f"), ("disentanglement.sap", "SAP", ".3f"),
+                 ("disentanglement.dci_d", "DCI D", ".3f"), ("disentanglement.dci_i", "DCI I", ".3f"))
+
+
+# samples/beta_sweep.png's numbers: utils.plot_beta_sweep's name -> headline key.
+PLOT_KEYS = {"recon": "test_recon", "kl": "test_kl", "acc": "kmeans_latent_acc", "nmi": "kmeans_latent_nmi",
+             "active_units": "active_units", "mi": "kl_decomposition.mi", "tc": "kl_decomposition.tc",
+             "dim_kl": "kl_decomposition.dim_kl", "mig": "disentanglement.mig", "sap": "disentanglement.sap",
+             "dci_d": "disentanglement.dci_d"}
+# ... of which a β may lack these (a grid run before they existed, or a null): the plot then leaves them out.
+PLOT_OPTIONAL = ("mig", "sap", "dci_d")
+
+
+POOL_ATTEMPTS = 3  # a member whose pool process died is resumed in a fresh pool, this many times in all
+
+
+class GridError(RuntimeError):
+    """The grid could not reach its Dask scheduler, or some member failed for good."""
+
+
+class InlineExecutor(cf.Executor):
+    """The concurrent.futures interface, each call run at submit in this process: the sequential grid."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future = cf.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as e:  # reported like a pool's failure; Ctrl-C is no Exception and stops the grid
+            future.set_exception(e)
+        return future
+
+
+def thread_count(args):
+    """-> threads per run: --threads, else cores // --workers, 1 on Dask, or None: each library's default, all cores."""
+    if args.threads:
+        return args.threads
+    if args.workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, cores // args.workers)
+    return 1 if args.scheduler else None
+
+
+def member_name(sub):
+    """A member's Namespace -> 'beta=<b> seed=<s>', how the grid names it on the terminal."""
+    return f"beta={sub.beta_max:g} seed={sub.seed}"
+
+
+def grid_members(args):
+    """-> one Namespace per (β, training seed): an ordinary run into OUT_DIR/grid/beta_<b>/seed_<s>/."""
+    out, parallel, members = Path(args.out_dir).absolute(), bool(args.workers or args.scheduler), []
+    for beta in args.beta_sweep or [args.beta_max]:
+        for seed in args.train_seeds or [args.seed]:
+            sub = copy.copy(args)
+            sub.beta_max, sub.seed, sub.beta_sweep, sub.train_seeds = beta, seed, None, None
+            sub.out_dir = str(out / "grid" / f"beta_{beta:g}" / f"seed_{seed}")
+            sub.data_dir = str(Path(args.data_dir).absolute())  # a Dask worker may run in another folder
+            sub.no_progress = args.no_progress or parallel  # several processes' bars would garble one terminal
+            members.append(sub)
+    return members
+
+
+def finished_metrics(sub, defaults):
+    """A member's metrics.json if it finished with this config, else None; CheckpointError if another run's.
+    defaults: the parser's, for the flags added after a member's metrics.json was written."""
+    path = Path(sub.out_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    mismatch = utils.config_mismatch({**defaults, **metrics["config"]}, vars(sub), utils.RUN_FIELDS)
+    if mismatch:
+        raise utils.CheckpointError(f"{path}: {mismatch}; use another --out-dir")
+    return metrics
+
+
+@contextmanager
+def sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt in the block, also in a pool process that ignores it between members."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # a Dask task's thread: only the main thread can set a handler, and Dask owns it
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def grid_member(sub, run, defaults, log_to_file=False):
+    """One member through run(sub), in whatever process the executor chose -> its metrics; a finished one read back, a
+    started one resumed from its checkpoint.pt. It holds its folder's lock throughout: a copy of it already running (a
+    second grid command, Dask re-running a member it thought lost) is waited for, then read back or resumed; Ctrl-C
+    and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its stdout.txt, not the terminal."""
+    utils.limit_threads(sub.threads)
+    with sigint_raises(), utils.sigterm_raises(), utils.folder_lock(sub.out_dir, wait=True):
+        metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
+        if metrics:
+            return metrics
+        out, sub = Path(sub.out_dir), copy.copy(sub)
+        sub.resume = (out / "checkpoint.pt").is_file()
+        log = open(out / "stdout.txt", "a") if log_to_file else nullcontext(sys.stdout)
+        with log as stream, redirect_stdout(stream):
+            return run(sub)  # run() takes no lock itself: a second flock here, even in this process, waits forever
+
+
+def ship_modules(client):
+    """Copy this project's modules to the Dask scheduler, which unpickles the tasks, and to every worker, now or later."""
+    from distributed.diagnostics.plugin import SchedulerUploadFile, UploadFile
+    for name in ("model.py", "utils.py", "data.py", "measures.py", "grid.py", "demo_script.py"):  # in import order
+        path = str(Path(__file__).with_name(name))
+        client.register_plugin(SchedulerUploadFile(path, load=False), name=f"beta-vae-scheduler-{name}")
+        client.register_plugin(UploadFile(path), name=f"beta-vae-{name}")  # a plugin: restarted workers get it too
+
+
+@contextmanager
+def dask_executor(address):
+    """-> the executor of a running Dask scheduler; this project's modules are shipped to its workers."""
+    from distributed import Client  # imported only here: --scheduler is the one user of Dask
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError) as e:
+        raise GridError(f"--scheduler {address}: {e}") from None
+    with client:
+        try:
+            ship_modules(client)
+        except Exception as e:  # e.g. a worker without torch: one line, not a traceback
+            raise GridError(f"--scheduler {address}: {type(e).__name__}: {e}") from None
+        executor = client.get_executor(pure=False)
+        try:
+            yield executor
+        except BaseException:
+            executor.shutdown(wait=False)  # cancels every member not finished; a running task ends on its own
+            raise
+
+
+@contextmanager
+def pool_executor(workers):
+    """-> a pool of `workers` spawned processes, which ignore Ctrl-C except while a member runs (sigint_raises)."""
+    # spawn, not fork: a forked child would inherit torch's and OpenMP's thread pools in an undefined state
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    try:
+        yield pool
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in multiprocessing.active_children():  # the pool's processes: each stops its member cleanly
+            os.kill(child.pid, signal.SIGINT)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def grid_executor(args):
+    """-> a context manager giving this command line's executor: in-process, a process pool, or Dask's."""
+    if args.scheduler:
+        return dask_executor(args.scheduler)
+    return pool_executor(args.workers) if args.workers else nullcontext(InlineExecutor())
+
+
+def run_members(members, args, run, defaults):
+    """Every member through the executor -> ({name: metrics}, {name: one-line error}); a broken pool is replaced."""
+    results, errors, todo = {}, {}, list(members)
+    for _ in range(POOL_ATTEMPTS):
+        with grid_executor(args) as executor:
+            futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers)): m for m in todo}
+            todo = []
+            for future in cf.as_completed(futures):
+                name = member_name(futures[future])
+                try:
+                    results[name] = future.result()
+                    print(f"{name}: done ({len(results)} of {len(members)})", flush=True)
+                except cf.BrokenExecutor:  # its process died (killed, out of memory): resume it in a fresh pool
+                    todo.append(futures[future])
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                    print(f"{name}: failed: {errors[name]}", file=sys.stderr, flush=True)
+        if not todo:
+            break
+    errors.update({member_name(m): f"its worker process died {POOL_ATTEMPTS} times" for m in todo})
+    return results, errors
+
+
+def headline_numbers(metrics):
+    """A member's metrics.json -> {name: float}: HEADLINE's keys, then every clustering method's ACC, NMI and ARI
+    (means over clustering seeds) as <method>_acc etc.; keys this member lacks, or holds as null, are left out."""
+    numbers = {}
+    for path in HEADLINE:
+        value = metrics
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)):
+            numbers[path] = float(value)
+    for method, s in (metrics.get("clustering") or {}).items():
+        if isinstance(s, dict):  # None: not computable on this member's model
+            numbers.update({f"{method}_{k}": float(s[f"{k}_mean"]) for k in ("acc", "nmi", "ari") if f"{k}_mean" in s})
+    return numbers
+
+
+def seed_stats(values):
+    """Values over training seeds -> dict mean, sample std (ddof=1; None for one seed), n and the values."""
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else None,
+                n=len(values), values=values)
+
+
+def beta_summaries(members, results, errors):
+    """-> one dict per β: its seeds, the failed ones with their errors, and seed_stats of every headline number."""
+    summaries = []
+    for beta in dict.fromkeys(m.beta_max for m in members):
+        group = [m for m in members if m.beta_max == beta]
+        numbers = [headline_numbers(results[member_name(m)]) for m in group if member_name(m) in results]
+        failed = [dict(seed=m.seed, error=errors[member_name(m)]) for m in group if member_name(m) in errors]
+        stats = {k: seed_stats([n[k] for n in numbers if k in n]) for k in dict.fromkeys(k for n in numbers for k in n)}
+        summaries.append(dict(beta=beta, seeds=[m.seed for m in group], failed=failed, numbers=stats))
+    return summaries
+
+
+def stats_cell(stats, fmt):
+    """seed_stats -> 'mean ± std', the mean alone for one seed, '—' when no seed has the number."""
+    if stats is None:
+        return "—"
+    return f"{stats['mean']:{fmt}}" + ("" if stats["std"] is None else f" ± {stats['std']:{fmt}}")
+
+
+def failure_lines(summaries):
+    """-> one 'failed: beta=<b> seed=<s>: <error>' line per failed member."""
+    return [f"failed: beta={s['beta']:g} seed={f['seed']}: {f['error']}" for s in summaries for f in s["failed"]]
+
+
+def sweep_table(summaries):
+    """Per-β summaries -> beta_sweep.txt: one row per β, mean ± sample std over its finished training seeds."""
+    methods = dict.fromkeys(k[:-4] for s in summaries for k in s["numbers"] if k.endswith("_acc"))
+    cols = SWEEP_COLUMNS + tuple((f"{m}_{k}", f"{m} {k.upper()}", ".3f") for m in methods for k in ("acc", "nmi"))
+    lines = ["| β | Seeds | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for s in summaries:
+        done = len(s["seeds"]) - len(s["failed"])
+        cells = [f"{s['beta']:g}", f"{done} of {len(s['seeds'])}" if s["failed"] else f"{done}"]
+        lines.append("| " + " | ".join(cells + [stats_cell(s["numbers"].get(k), f) for k, _, f in cols]) + " |")
+    failed = failure_lines(summaries)
+    return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
+
+
+def seeds_table(summaries):
+    """One configuration's summary -> seeds_summary.txt: every headline number, mean ± sample std over seeds."""
+    s, formats = summaries[0], {k: f for k, _, f in SWEEP_COLUMNS}
+    lines = [f"beta_max={s['beta']:g}, training seeds {' '.join(map(str, s['seeds']))}: mean ± sample std (ddof=1)",
+             "", "| Number | Mean ± std | Seeds |", "|---|---|---|"]
+    lines += [f"| {k} | {stats_cell(st, formats.get(k, '.4f'))} | {st['n']} |" for k, st in s["numbers"].items()]
+    failed = failure_lines(summaries)
+    return "\n".join(lines + ([""] + failed if failed else [])) + "\n"
+
+
+def sweep_plot_rows(summaries):
+    """-> utils.plot_beta_sweep's rows: PLOT_KEYS' mean and std (nan for one seed, or for a missing PLOT_OPTIONAL
+    number); a β lacking any other one is left out."""
+    rows, missing = [], dict(mean=math.nan, std=None)
+    for s in summaries:
+        if all(k in s["numbers"] for name, k in PLOT_KEYS.items() if name not in PLOT_OPTIONAL):
+            row = dict(beta=s["beta"], seeds=s["numbers"]["test_recon"]["n"])
+            for name, key in PLOT_KEYS.items():
+                st = s["numbers"].get(key, missing)
+                row.update({f"{name}_mean": st["mean"], f"{name}_std": math.nan if st["std"] is None else st["std"]})
+            rows.append(row)
+    return rows
+
+
+def write_grid_outputs(args, summaries):
+    """grid.json always; beta_sweep.txt and samples/beta_sweep.png for a β sweep, else seeds_summary.txt."""
+    out = Path(args.out_dir)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    utils.write_json(out / "grid.json", dict(layout="grid/beta_<b>/seed_<s>", betas=summaries))
+    name, table = ("beta_sweep.txt", sweep_table) if args.beta_sweep else ("seeds_summary.txt", seeds_table)
+    utils.write_text(out / name, table(summaries))
+    rows = sweep_plot_rows(summaries)
+    if args.beta_sweep and rows:
+        utils.plot_beta_sweep(rows, out / "samples" / "beta_sweep.png")
+    print("\n" + table(summaries), end="")
+
+
+def grid(args, run, defaults):
+    """The β × training-seed grid: every unfinished member through run(member) on the executor, then its tables ->
+    summaries. run must be importable by module name (a worker unpickles it); defaults: the parser's defaults."""
+    members, results, todo = grid_members(args), {}, []
+    for m in members:  # all checked first: a folder holding another configuration stops the grid before it starts
+        metrics = finished_metrics(m, defaults)
+        if metrics:
+            print(f"{member_name(m)}: finished earlier, reading {Path(m.out_dir) / 'metrics.json'}")
+            results[member_name(m)] = metrics
+        else:
+            todo.append(m)
+    new, errors = run_members(todo, args, run, defaults) if todo else ({}, {})
+    summaries = beta_summaries(members, {**results, **new}, errors)
+    write_grid_outputs(args, summaries)
+    if errors:
+        raise GridError(f"{len(errors)} of {len(members)} models failed (named above); the same command retries them")
+    return summaries
+
