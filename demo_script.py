@@ -131,15 +131,13 @@ def invalid_flag(args):
     n_train, n_test = data.DATASETS[args.dataset]["n_train"], 10000
     floats = ["beta_max", "free_bits", "lr", "cycle_ratio", "gamma", "capacity_max"]
     checks = [(math.isfinite(getattr(args, f)), f"--{f.replace('_', '-')} must be a finite number") for f in floats]
+    checks += [(0 <= getattr(args, f) <= LARGEST_WEIGHT, f"--{f.replace('_', '-')} must be between 0 and "
+                f"{LARGEST_WEIGHT:,.0f}") for f in ("beta_max", "free_bits", "gamma", "capacity_max")]
     checks += [
         (args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.latent_dim >= 1, "--latent-dim must be >= 1"), (min(args.hidden) >= 1, "--hidden sizes must be >= 1"),
-        (0 <= args.beta_max <= LARGEST_WEIGHT, f"--beta-max must be between 0 and {LARGEST_WEIGHT:,.0f}"),
-        (0 <= args.free_bits <= LARGEST_WEIGHT, f"--free-bits must be between 0 and {LARGEST_WEIGHT:,.0f}"),
         (args.lr > 0, "--lr must be > 0"), (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (args.cycles >= 1, "--cycles must be >= 1"), (0 < args.cycle_ratio <= 1, "--cycle-ratio must be in (0, 1]"),
-        (0 <= args.gamma <= LARGEST_WEIGHT, f"--gamma must be between 0 and {LARGEST_WEIGHT:,.0f}"),
-        (0 <= args.capacity_max <= LARGEST_WEIGHT, f"--capacity-max must be between 0 and {LARGEST_WEIGHT:,.0f}"),
         (args.limit is None or args.batch_size <= args.limit <= n_train,
          f"--limit must be between --batch-size ({args.batch_size}) and {n_train}"),
         (args.test_limit is None or 100 <= args.test_limit <= n_test, f"--test-limit must be between 100 and {n_test}"),

@@ -71,8 +71,7 @@ def thread_count(args):
     if args.threads:
         return args.threads
     if args.workers:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, cores // args.workers)
+        return max(1, utils.usable_cores() // args.workers)
     return 1 if args.scheduler else None
 
 

@@ -8,7 +8,6 @@ import functools
 import io
 import math
 import multiprocessing
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -277,7 +276,7 @@ def image_morphometrics(image):
 
 def morphometrics(images, workers=None):
     """images: (N, 28, 28) uint8 or [0, 1] -> (N, 6) float64 area, length, thickness, slant, width, height."""
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    workers = workers or utils.usable_cores()
     if workers == 1 or len(images) < IN_PROCESS_BELOW:
         rows = [image_morphometrics(image) for image in images]
     else:  # spawn, not fork: a forked child of a process holding torch's or BLAS's threads can deadlock
@@ -372,11 +371,15 @@ def dci_importances(codes, factors, n_train):
     if n_train < 10 or len(codes) - n_train < 2:
         raise ValueError(f"DCI needs >= 10 training and >= 2 test rows, got {n_train} and {len(codes) - n_train}")
     codes, factors = np.asarray(codes, np.float64), np.asarray(factors, np.float64)
-    importance, r2 = np.zeros((codes.shape[1], factors.shape[1])), np.zeros(factors.shape[1])
-    for j, y in enumerate(factors.T):  # one regressor per factor, as disentanglement_lib's compute_importance_gbt
+
+    def fit(y):  # one regressor per factor, as disentanglement_lib's compute_importance_gbt
         model = GradientBoostingRegressor(random_state=0).fit(codes[:n_train], y[:n_train])
-        importance[:, j], r2[j] = np.abs(model.feature_importances_), model.score(codes[n_train:], y[n_train:])
-    return importance, r2
+        return np.abs(model.feature_importances_), model.score(codes[n_train:], y[n_train:])
+
+    # threads: scikit-learn builds each tree without the GIL, and one regressor alone leaves the other cores idle
+    with cf.ThreadPoolExecutor(utils.usable_cores()) as pool:
+        importance, r2 = zip(*pool.map(fit, factors.T))
+    return np.stack(importance, axis=1), np.array(r2)
 
 
 def one_minus_entropy(p, axis, base):
@@ -430,7 +433,9 @@ def traversal_effects(dims, values, factors, test_std):
         moved = np.nanmax(factors, axis=2) - np.nanmin(factors, axis=2) > 1e-6 * test_std  # nan (blank) -> False
         change = np.nan_to_num(np.nanmean(factors[:, :, -1] - factors[:, :, 0], axis=1) / test_std)  # (D, 6)
     rho = np.where(moved, np.nan_to_num(rho), 0.0).mean(axis=1)  # (D, 6), over base digits
-    top = np.argmax(np.abs(rho), axis=1)
+    # ties go to the averaged factors: area moves with length and thickness, and names neither
+    order = np.array([FACTORS.index(name) for name in AVERAGED + ("area",)])
+    top = order[np.argmax(np.abs(rho[:, order]), axis=1)]
     return [dict(dim=int(d), factor=FACTORS[j] if rho[i, j] else None, rho=float(rho[i, j]),
                  effect_sd=float(change[i, j]) if rho[i, j] else 0.0) for i, (d, j) in enumerate(zip(dims, top))]
 

@@ -37,6 +37,11 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
+def usable_cores():
+    """-> how many cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def limit_threads(n):
     """Cap this process's torch, BLAS/OpenMP (threadpoolctl) and numba (umap-learn) thread pools at n; None: no cap."""
     if n is None:

@@ -119,9 +119,13 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
     wait_for(member(tmp_path, "0.5", 2) / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
-    # The grid's own last word; a pool process stopped inside numba's compiler may print an "Exception ignored" above it.
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == (
-        "interrupted; re-run the same command to continue the grid where it stopped"), stderr[-1500:]
+    # The grid's own last word. A pool process whose Ctrl-C landed inside numba's compiler or a weakref callback
+    # prints an "Exception ignored" report, and may outlive the grid and print it after that word (it then finishes its
+    # member, holding its folder's lock: the re-run below waits for it).
+    lines = stderr.strip().splitlines()
+    last = "interrupted; re-run the same command to continue the grid where it stopped"
+    assert proc.returncode == 130 and last in lines, stderr[-1500:]
+    assert lines[-1] == last or lines[lines.index(last) + 1].startswith("Exception ignored"), stderr[-1500:]
     assert run_cli(argv) == 0  # 1 thread per model: cores // 2 on this 2-core machine, or less
     for b, s in MEMBERS:
         assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
@@ -131,17 +135,18 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
 
 def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(reference, tmp_path):
     # The same command twice at once: a member the other holds is waited for, then read back, never trained again.
-    argv = [sys.executable, "demo_script.py", *map(str, GRID + ["--threads", "1", "--out-dir", tmp_path])]
-    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    # Two of the reference grid's members keep it short.
+    flags = BASE + ["--beta-sweep", "0.5", "2", "--train-seeds", "1", "--threads", "1", "--out-dir", tmp_path]
+    procs = [subprocess.Popen([sys.executable, "demo_script.py", *map(str, flags)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
     stdout = "".join(out for out, _ in outs)
-    assert stdout.count("epoch   1  beta") == len(MEMBERS) and "resuming" not in stdout  # each trained once, whole
-    for b, s in MEMBERS:
-        assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
-        assert not (member(tmp_path, b, s) / ".lock").exists()
-    assert table(tmp_path) == table(reference)
+    assert stdout.count("epoch   1  beta") == 2 and "resuming" not in stdout  # each member trained once, whole
+    for b in ("0.5", "2"):
+        assert loss_rows(tmp_path, b, 1) == loss_rows(reference, b, 1), b
+        assert not (member(tmp_path, b, 1) / utils.LOCK_FILE).exists()
+    assert [out.count(": done (") for out, _ in outs] == [2, 2]  # each command finished both members
 
 
 def test_a_failing_member_is_named_and_the_others_finish(reference, tmp_path, monkeypatch, capsys):
@@ -180,7 +185,8 @@ def test_dask_grid_survives_a_killed_worker_and_equals_the_sequential_grid(refer
 
 
 def test_headline_numbers_skip_what_a_member_lacks():
-    m = {"test_kl": 3, "test_iw_log_likelihood": None, "clustering": {"umap_gmm": {"acc_mean": 0.5, "nmi_mean": 0.25}}}
+    m = {"test_kl": 3, "test_iw_log_likelihood": None, "probes": None,  # null: not computable on this member's model
+         "clustering": {"umap_gmm": {"acc_mean": 0.5, "nmi_mean": 0.25}, "gmm_latent": None}}
     assert grid.headline_numbers(m) == {"test_kl": 3.0, "umap_gmm_acc": 0.5, "umap_gmm_nmi": 0.25}
 
 

@@ -47,10 +47,15 @@ def errors(m, key, prefix):
 
 
 def number(m, path):
-    """A dotted path into metrics.json -> its value."""
+    """A dotted path into metrics.json -> its value; None where it, or a measure above it, is null (not computable)."""
     for key in path.split("."):
-        m = m[key]
+        m = None if m is None else m[key]
     return m
+
+
+def cell(value, fmt):
+    """A metrics.json number as the README prints it; a null one as '—'."""
+    return "—" if value is None else format(value, fmt)
 
 
 def headline_rows(m):
@@ -65,7 +70,10 @@ def headline_rows(m):
 
 
 def spread(values, fmt):
-    """Values over training seeds -> 'mean ± sample std'."""
+    """Values over training seeds -> 'mean ± sample std' of those not null ('—' for none, the value alone for one)."""
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return cell(values[0] if values else None, fmt)
     return f"{statistics.fmean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
 
@@ -83,7 +91,7 @@ def headline_table(m, loss_rows, seeds):
            "test_iw_log_likelihood": errors(m, "test_iw_log_likelihood", "test_iw")}
     for name, path, fmt in headline_rows(m):
         values = [number(sm, path) for sm, _ in seeds.values()]
-        lines.append(f"| {name} | {ref.get(path, format(number(m, path), fmt))} | {spread(values, fmt)} | |")
+        lines.append(f"| {name} | {ref.get(path, cell(number(m, path), fmt))} | {spread(values, fmt)} | |")
     return "\n".join(lines)
 
 
@@ -146,6 +154,14 @@ def test_readme_prose_quotes_the_committed_metrics_json():
               f"{m['kl_decomposition']['mi']:.2f} of a possible {m['kl_decomposition']['mi_bound']:.2f}"]
     text = " ".join(readme().split())  # prose is wrapped at 120 columns
     assert [q for q in quotes if q not in text] == []
+
+
+def test_headline_table_prints_a_null_measure_as_a_dash():
+    m = json.loads((ROOT / "metrics.json").read_text())
+    m["clustering"]["umap_gmm"], m["probes"] = None, None  # as a model that supports neither writes them
+    table = headline_table(m, utils.parse_loss_table((ROOT / "loss.txt").read_text()), seed_runs())
+    assert "| ACC: UMAP → Gaussian mixture | — | 0.950 ± 0.001 | |" in table
+    assert "| Probe: 5-NN, 60,000 labels | — | 0.962 ± 0.001 | |" in table
 
 
 def test_readme_likelihood_table_is_the_committed_binarized_runs():
