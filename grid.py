@@ -12,6 +12,7 @@ import threading
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
+import data
 import utils
 
 # Each member is an ordinary run in OUT_DIR/grid/beta_<b>/seed_<s>/, with its own loss.txt, metrics.json,
@@ -126,7 +127,7 @@ def grid_member(sub, run, defaults, log_to_file=False):
     second grid command, Dask re-running a member it thought lost) is waited for, then read back or resumed; Ctrl-C
     and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its stdout.txt, not the terminal."""
     utils.limit_threads(sub.threads)
-    with sigint_raises(), utils.sigterm_raises(), utils.folder_lock(sub.out_dir, wait=True):
+    with sigint_raises(), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=True):
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
         if metrics:
             return metrics
@@ -301,9 +302,9 @@ def write_grid_outputs(args, summaries):
     """grid.json always; beta_sweep.txt and samples/beta_sweep.png for a β sweep, else seeds_summary.txt."""
     out = Path(args.out_dir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
-    utils.write_json(out / "grid.json", dict(layout="grid/beta_<b>/seed_<s>", betas=summaries))
+    data.write_json(out / "grid.json", dict(layout="grid/beta_<b>/seed_<s>", betas=summaries))
     name, table = ("beta_sweep.txt", sweep_table) if args.beta_sweep else ("seeds_summary.txt", seeds_table)
-    utils.write_text(out / name, table(summaries))
+    data.write_text(out / name, table(summaries))
     rows = sweep_plot_rows(summaries)
     if args.beta_sweep and rows:
         utils.plot_beta_sweep(rows, out / "samples" / "beta_sweep.png")

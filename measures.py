@@ -309,7 +309,7 @@ def cached_morphometrics(images, image_file, cache_path):
         header = f"# morphometrics v{MORPHO_VERSION} md5={md5} n={len(values)}\n" + ",".join(("index",) + FACTORS)
         np.savetxt(csv, table, fmt=["%d"] + ["%.17g"] * len(FACTORS), delimiter=",", comments="", header=header)
         with contextlib.suppress(OSError):  # a read-only data folder costs a re-measurement next time, nothing else
-            utils.write_text(cache_path, csv.getvalue())
+            data.write_text(cache_path, csv.getvalue())
     return values
 
 

@@ -1,31 +1,27 @@
 """Loss, schedules, training, evaluation, clustering and plots for the Beta-VAE. Plain functions, no state."""
-import errno
-import fcntl
 import io
-import json
 import math
 import os
 import random
-import signal
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-import torch
-import threadpoolctl
-import torch.nn.functional as F
 import matplotlib.patches
+import numpy as np
+import threadpoolctl
+import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
+
+import data
 
 # ----------------------------------------------------------------------------- setup & files
 
@@ -85,151 +81,6 @@ def timed(timings, phase):
     t0 = time.time()
     yield
     timings[phase] = round(time.time() - t0, 2)
-
-
-# The signals that stop a run cleanly: Ctrl-C, and SIGTERM (SLURM preemption, docker stop, kill, a Dask shutdown).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (sigterm_raises): a KeyboardInterrupt, so all that stops cleanly on Ctrl-C stops so on it."""
-
-
-def raise_terminated(signum, frame):
-    """SIGTERM's handler inside sigterm_raises."""
-    raise Terminated(f"signal {signum}")
-
-
-@contextmanager
-def sigterm_raises():
-    """SIGTERM raises Terminated in the block, as Ctrl-C raises KeyboardInterrupt; an inherited SIG_IGN stays."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield  # only the main thread can set a handler; an ignored SIGTERM is the caller's choice, as for Ctrl-C
-        return
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def interrupts_deferred():
-    """Hold Ctrl-C and SIGTERM until the block ends, so a file being written is always finished first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be installed from the main thread, which is where both signals land
-        return
-    caught = []
-    # A handler, not pthread_sigmask: torch's own threads would still take the signal and interrupt the write.
-    # An ignored signal (SIG_IGN, e.g. inherited from `nohup` or `&`) stays ignored; None: a handler set outside Python.
-    previous = {s: h for s in STOP_SIGNALS if (h := signal.getsignal(s)) not in (signal.SIG_IGN, None)}
-    for s in previous:
-        signal.signal(s, lambda signum, frame: caught.append((signum, frame)))
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if caught:  # deliver the first now: KeyboardInterrupt, Terminated, an outer block's record, or death by it
-            signum, frame = caught[0]
-            if callable(previous[signum]):
-                previous[signum](signum, frame)
-            else:
-                signal.raise_signal(signum)  # SIG_DFL: what the signal would have done outside the block
-
-
-sigint_deferred = interrupts_deferred  # its name before it held SIGTERM too
-
-
-def atomic_save(path, write):
-    """Call write(tmp_path), then os.replace: a crash, a signal or a failed write (a full disk) at any moment leaves the
-    previous complete file. A failed write raises OSError naming `path`."""
-    path, tmp = Path(path), None
-    with interrupts_deferred():
-        try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch.save and others report a failed write as a RuntimeError
-            reason = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
-            raise OSError(getattr(e, "errno", None) or errno.EIO, reason, str(path)) from None
-        finally:
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
-
-
-def write_text(path, text):
-    """Atomically replace a text file."""
-    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    """Atomically replace a JSON file."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-class FolderBusy(RuntimeError):
-    """Another live process holds a run folder's lock; the message names the folder and that process's pid."""
-
-
-LOCK_FILE = ".lock"  # in a run folder while a process writes there: that process's pid, under an exclusive flock
-
-
-def locked_descriptor(path, wait):
-    """-> an open descriptor of `path` (made if missing) holding its exclusive flock; FolderBusy if another process
-    holds it and not wait, else waits for it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "not yet written"
-            os.close(fd)
-            raise FolderBusy(f"--out-dir {path.parent} is in use by another run (pid {holder}); wait for it to end "
-                             "or choose another --out-dir") from None
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # its holder removed the file after we opened it: lock the one now at that path instead
-
-
-def remove_empty_folders(folders):
-    """rmdir each of `folders`, deepest first, stopping at the first that is not empty (someone else uses it)."""
-    for p in folders:
-        try:
-            p.rmdir()
-        except OSError:
-            break
-
-
-@contextmanager
-def folder_lock(folder, wait=False):
-    """One writer per run folder: hold an exclusive flock on folder/.lock for the block, released however the process
-    ends. FolderBusy at once if another process holds it, or with wait, wait for it. flock locks conflict between two
-    opens in one process too, so never nest two on one folder. Folders made for it go again if left empty."""
-    folder = Path(folder).absolute()
-    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first: the order to undo them
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = locked_descriptor(folder / LOCK_FILE, wait)
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            yield
-        finally:
-            (folder / LOCK_FILE).unlink(missing_ok=True)  # still held: a process waiting on this file sees it gone and re-opens
-            os.close(fd)
-    finally:
-        remove_empty_folders(made)
 
 
 # ----------------------------------------------------------------------------- loss & schedules
@@ -499,7 +350,7 @@ def save_checkpoint(path, state):
     """Atomically replace a checkpoint file."""
     buffer = io.BytesIO()  # serialised here, written by Python: a full disk then says so, where torch.save's own
     torch.save(state, buffer)  # writer only reports "unexpected pos"
-    atomic_save(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
+    data.atomic_save(path, lambda tmp: Path(tmp).write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path):
@@ -648,7 +499,7 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
 
 def save_figure(fig, path):
     """Write the figure as PNG (atomically: a failed write leaves the previous one) and hand it back, for notebooks."""
-    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    data.atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     return fig
 
 
@@ -729,7 +580,7 @@ def plot_confusion(y_true, y_pred, path, names):
 def image_grid(images, path, nrow):
     """images: (N, 784) in [0, 1] -> saves a make_grid PNG and returns the (3, H, W) grid."""
     grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, padding=2, pad_value=1.0)
-    atomic_save(path, lambda tmp: save_image(grid, tmp, format="png"))
+    data.atomic_save(path, lambda tmp: save_image(grid, tmp, format="png"))
     return grid
 
 

@@ -5,7 +5,6 @@ from hypothesis import given, settings, strategies as st
 
 import utils
 from conftest import planted, tiny_model
-from model import BetaVAE, VAEConfig
 
 
 @settings(max_examples=100, deadline=None)

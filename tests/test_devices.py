@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import data
-import demo_script
 import measures
 import utils
 from model import BetaVAE, VAEConfig

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from matplotlib.figure import Figure
 
+import data
 import measures
 import utils
 from conftest import QUICK, ROOT, default_signals, planted, run_cli, thread_limits_restored, wait_for
@@ -46,7 +47,7 @@ def run_here(argv):
 
 def leftovers(folder):
     """-> the temporary files of atomic writes, and the lock, still lying in folder: none once a run has ended."""
-    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith(".tmp") or p.name == utils.LOCK_FILE)
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith(".tmp") or p.name == data.LOCK_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +95,13 @@ def test_a_second_run_on_a_busy_folder_exits_2_at_once_and_the_first_is_undistur
 
 def test_folder_lock_names_its_holder_is_released_and_removes_the_folders_it_made(tmp_path):
     folder = tmp_path / "a" / "b"
-    with utils.folder_lock(folder):
-        assert (folder / utils.LOCK_FILE).read_text() == f"{os.getpid()}\n"
-        with pytest.raises(utils.FolderBusy, match=f"{folder}.*pid {os.getpid()}"):
-            with utils.folder_lock(folder):  # two opens conflict even in one process
+    with data.folder_lock(folder):
+        assert (folder / data.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(data.FolderBusy, match=f"{folder}.*pid {os.getpid()}"):
+            with data.folder_lock(folder):  # two opens conflict even in one process
                 pass
     assert not (tmp_path / "a").exists()  # nothing was written there: the folders it made are gone again
-    with utils.folder_lock(folder):
+    with data.folder_lock(folder):
         (folder / "kept.txt").write_text("x")
     assert sorted(p.name for p in folder.iterdir()) == ["kept.txt"]
 
@@ -109,10 +110,10 @@ def test_a_waiting_lock_is_granted_when_its_holder_lets_go(tmp_path):
     acquired = []
 
     def waiter():
-        with utils.folder_lock(tmp_path, wait=True):
+        with data.folder_lock(tmp_path, wait=True):
             acquired.append(time.time())
 
-    with utils.folder_lock(tmp_path):
+    with data.folder_lock(tmp_path):
         thread = threading.Thread(target=waiter)
         thread.start()
         time.sleep(0.3)
@@ -150,8 +151,8 @@ def test_sigterm_during_a_write_is_delivered_once_the_file_is_complete(tmp_path)
 
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not whatever pytest inherited
     try:
-        with pytest.raises(utils.Terminated), utils.sigterm_raises():
-            utils.atomic_save(path, write)
+        with pytest.raises(data.Terminated), data.sigterm_raises():
+            data.atomic_save(path, write)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -161,7 +162,7 @@ def test_sigterm_during_a_write_is_delivered_once_the_file_is_complete(tmp_path)
 def test_an_ignored_sigterm_stays_ignored(tmp_path):
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as under `nohup`: the shell's convention
     try:
-        with utils.sigterm_raises(), utils.interrupts_deferred():
+        with data.sigterm_raises(), data.interrupts_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
@@ -257,7 +258,7 @@ def test_a_write_failing_with_a_runtime_error_becomes_an_os_error_naming_the_fil
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     with pytest.raises(OSError) as e:
-        utils.atomic_save(path, torch_like)
+        data.atomic_save(path, torch_like)
     assert e.value.filename == str(path) and "unexpected pos" in e.value.strerror and path.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 

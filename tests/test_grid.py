@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-import demo_script
+import data
 import grid
 import utils
 from conftest import QUICK, ROOT, default_signals, run_cli, thread_limits_restored, wait_for
@@ -145,7 +145,7 @@ def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(
     assert stdout.count("epoch   1  beta") == 2 and "resuming" not in stdout  # each member trained once, whole
     for b in ("0.5", "2"):
         assert loss_rows(tmp_path, b, 1) == loss_rows(reference, b, 1), b
-        assert not (member(tmp_path, b, 1) / utils.LOCK_FILE).exists()
+        assert not (member(tmp_path, b, 1) / data.LOCK_FILE).exists()
     assert [out.count(": done (") for out, _ in outs] == [2, 2]  # each command finished both members
 
 
