@@ -54,7 +54,7 @@ def reference(mnist_dir, tmp_path_factory):
     """The 2 β × 2 seed grid, one model after another in this process at one thread each: the grid to match."""
     out = tmp_path_factory.mktemp("sequential")
     with thread_limits_restored():
-        assert run_cli(GRID + ["--threads", "1", "--out-dir", out]) == 0
+        assert run_cli(GRID + ["--threads", "1", "--tensorboard", "--out-dir", out]) == 0
     return out
 
 
@@ -70,6 +70,18 @@ def test_sequential_grid_writes_every_member_and_the_tables(reference):
     lines = table(reference).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| 0.5 | 2 | ") and lines[3].startswith("| 2 | 2 | ")
     assert (reference / "samples" / "beta_sweep.png").is_file() and (reference / "grid.json").is_file()
+
+
+def test_tensorboard_shows_every_member_with_its_beta_and_seed(reference):
+    from test_tensorboard import hparams_logged, scalars, events
+    runs = sorted(p.parent.relative_to(reference / "grid") for p in (reference / "grid").rglob("tensorboard"))
+    assert [str(r) for r in runs] == [f"beta_{b}/seed_{s}" for b, s in MEMBERS]  # `--logdir OUT_DIR/grid` sees four
+    for b, s in MEMBERS:
+        h = hparams_logged(member(reference, b, s))
+        assert (h["beta_max"], h["seed"]) == (float(b), s)  # what the hparams view filters by
+        logged = scalars(events(member(reference, b, s)))
+        assert [v for _, v in logged["loss/kl"]] == pytest.approx([r["kl"] for r in loss_rows(reference, b, s)],
+                                                                abs=0.0051)
 
 
 def test_table_is_the_mean_and_sample_std_of_the_members_metrics(reference):
