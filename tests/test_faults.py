@@ -345,7 +345,7 @@ BASE_EXAMPLE = {"--latent-dim": 10, "--schedule": "linear", "--loss": "bce", "--
                 "--umap-seeds": 0, "--binarize": False}
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, database=None,
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @example({**BASE_EXAMPLE, "--schedule": "capacity", "--umap-seeds": 2})  # the issue's run, in miniature
 @example({**BASE_EXAMPLE, "--latent-dim": 1})  # t-SNE's PCA start needs two dimensions

@@ -190,7 +190,7 @@ def test_readme_beta_study_is_the_committed_beta_sweep():
 
 def test_committed_figures_exist():
     names = ["train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean", "confusion", "tsne",
-             "generated_num", "reconstructions", "kl_per_dim", "traversals", "interpolations", "beta_sweep"]
+             "generated_num", "reconstructions", "kl_per_dim", "traversals", "interpolations", "beta_sweep", "factors"]
     assert [n for n in names if not (ROOT / "samples" / f"{n}.png").is_file()] == []
 
 
