@@ -183,8 +183,11 @@ def locked_descriptor(path, wait):
 
 
 def remove_empty_folders(folders):
-    """rmdir each of `folders`, deepest first, stopping at the first that is not empty (someone else uses it)."""
+    """rmdir each of `folders`, deepest first, stopping at the first that is not empty (someone else uses it); one
+    never made (its maker failed before it got this far down) is passed over."""
     for p in folders:
+        if not os.path.lexists(p):
+            continue
         try:
             p.rmdir()
         except OSError:

@@ -113,12 +113,7 @@ def folder_write_error(path):
     except OSError as e:  # os.access would not do: root passes it for /proc or a read-only mount
         return os.strerror(errno.ENOTDIR) if isinstance(e, FileExistsError) else e.strerror or str(e)
     finally:
-        for p in made:
-            if os.path.lexists(p):  # else the probe failed before it got this far down
-                try:
-                    p.rmdir()
-                except OSError:
-                    break  # not empty, so in use by someone else: leave it and everything above it
+        data.remove_empty_folders(made)
     return None
 
 
