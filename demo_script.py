@@ -63,9 +63,9 @@ def build_parser():
     a("--lr-schedule", choices=["constant", "cosine"], default="cosine",
       help="learning-rate schedule over the run (default: cosine)")
     a("--seed", type=int, default=20, help="random seed (default: 20)")
-    a("--precision", choices=["auto", "fp32", "bf16"], default="fp32",
+    a("--precision", choices=["auto", "fp32", "bf16"], default="auto",
       help="training precision; bf16 autocasts the network's matrix products, and evaluation and analysis stay fp32; "
-           "auto: bf16 where the CPU (oneDNN) or GPU supports it (default: fp32)")
+           "auto: bf16 where the CPU (oneDNN) or GPU supports it, else fp32 (default: auto)")
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")

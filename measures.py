@@ -479,22 +479,23 @@ def measure_or_null(unavailable, name, step, *args, **kwargs):
 
 
 def clustering_metrics(mu, emb, y, args, timings, unavailable):
-    """mu: (N, z) test latent means, emb: (n, 2) their t-SNE map or None -> scores over seeds per method, None where
-    not computable (reason in unavailable); labels only score."""
+    """mu: (N, z) test latent means, emb: (n, 2) their t-SNE map or None -> (scores over seeds per method, None where
+    not computable (reason in unavailable); (N,) KMeans clusters of mu for --seed, or None). Labels only score."""
     seeds, out = range(args.seed, args.seed + args.kmeans_seeds), {}
     with utils.timed(timings, "clustering"):
+        kmeans = measure_or_null(unavailable, "kmeans_single_seed_acc", utils.cluster_labels, mu, "kmeans", args.seed)
         for name, f, method in [("kmeans_latent", mu, "kmeans"), ("gmm_latent", mu, "gmm"),
                                 ("kmeans_tsne", emb, "kmeans"), ("gmm_tsne", emb, "gmm")]:
             if f is None:
                 out[name], unavailable[f"clustering.{name}"] = None, "no t-SNE map (see tsne)"
             else:
                 out[name] = measure_or_null(unavailable, f"clustering.{name}", utils.clustering_scores, f, y[:len(f)],
-                                            method, seeds)
+                                            method, seeds, kmeans if name == "kmeans_latent" else None)
     if args.umap_seeds:
         with utils.timed(timings, "umap"):
             out["umap_gmm"] = measure_or_null(unavailable, "clustering.umap_gmm", utils.clustering_scores, mu, y,
                                               "umap_gmm", range(args.seed, args.seed + args.umap_seeds))
-    return out
+    return out, kmeans
 
 
 def analyze(model, split, args, samples, classes):
@@ -516,9 +517,7 @@ def analyze(model, split, args, samples, classes):
     with utils.timed(timings, "tsne"):  # not in metrics.json, but the clustering on it and two figures are
         emb = measure_or_null(unavailable, "tsne", utils.tsne_embedding, mu[:args.tsne_points].numpy(), args.seed,
                               n_jobs=args.threads or -1)
-    clustering = clustering_metrics(mu.numpy(), emb, y, args, timings, unavailable)
-    labels = measure_or_null(unavailable, "kmeans_single_seed_acc", utils.cluster_labels, mu.numpy(), "kmeans",
-                             args.seed)
+    clustering, labels = clustering_metrics(mu.numpy(), emb, y, args, timings, unavailable)
     pred = None if labels is None else utils.hungarian_relabel(y, labels)
     dims, values = kl.argsort(descending=True).tolist(), torch.linspace(-3, 3, 9, device="cpu").tolist()
     traversal = (utils.traversal_images(model, mu[utils.class_examples(y, (0, 3, 7))].to(test_x.device), dims, values),

@@ -8,6 +8,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import matplotlib.patches
 import numpy as np
@@ -466,11 +467,12 @@ def umap_embedding(features, seed, n_components=10, n_neighbors=30):
         return reducer.fit_transform(features)
 
 
-def clustering_scores(features, y, method, seeds):
-    """Cluster once per seed (labels only score) -> dict of mean and std ACC, NMI, ARI and the per-seed ACC."""
+def clustering_scores(features, y, method, seeds, first_labels=None):
+    """Cluster once per seed (labels only score) -> dict of mean and std ACC, NMI, ARI and the per-seed ACC;
+    first_labels: (N,) the clusters of seeds[0] when already at hand, so that they are not computed twice."""
     runs = []
-    for s in seeds:
-        pred = cluster_labels(features, method, s)
+    for i, s in enumerate(seeds):
+        pred = first_labels if i == 0 and first_labels is not None else cluster_labels(features, method, s)
         runs.append((cluster_accuracy(y, pred), normalized_mutual_info_score(y, pred), adjusted_rand_score(y, pred)))
     acc, nmi, ari = np.array(runs).T
     # Sample std (ddof=1) over seeds; numpy gives nan, with a warning, for a single seed.
@@ -487,7 +489,10 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
     from openTSNE import TSNE  # here, not at the top: it costs ~1 s of every start-up, --help included
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
                 n_iter=max_iter - 250, n_jobs=n_jobs)
-    emb = np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
+    # openTSNE imports pynndescent (and numba, ~1 s) to ask whether it is installed, an answer that matters only for
+    # sparse data or other metrics: for dense Euclidean data its choice (exact below 1,000 points, Annoy) is the same.
+    with mock.patch("openTSNE.affinity.is_package_installed", return_value=False):
+        emb = np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
     if not np.isfinite(emb).all():  # openTSNE returns NaN, without an error, for identical points (a collapsed code)
         raise FloatingPointError("t-SNE gave non-finite coordinates: the latent means are (nearly) all the same")
     return emb
@@ -531,7 +536,7 @@ def plot_latent_distribution(mu, y, path, title, class_names):
     grid_x = np.linspace(-4, 4, 200)
     for j, d in enumerate(dims):
         ax = fig.add_subplot(grid[j // 5, j % 5])
-        ax.hist(mu[:, d], bins=60, range=(-4, 4), density=True, color="tab:blue", alpha=0.7)
+        ax.hist(mu[:, d], bins=60, range=(-4, 4), density=True, histtype="stepfilled", color="tab:blue", alpha=0.7)
         ax.plot(grid_x, np.exp(-grid_x ** 2 / 2) / np.sqrt(2 * np.pi), color="k", lw=1)
         ax.set_title(f"z{d}  var {mu[:, d].var():.2f}", fontsize=8)
         ax.tick_params(labelsize=6)

@@ -105,10 +105,10 @@ def machine_info():
             f"at start (1/5/15 min): {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
-def with_ceiling(fn, *a):
-    """measure(fn) between two samples of the float32 matmul ceiling, each the median of 5 MM_N² torch.mm
+def with_ceiling(fn, *a, dtype=torch.float32):
+    """measure(fn) between two samples of the matmul ceiling in dtype, each the median of 5 MM_N² torch.mm
     -> (wall, others), fn's result, (mean ceiling seconds, the worse others)."""
-    m = torch.randn(MM_N, MM_N)
+    m = torch.randn(MM_N, MM_N, dtype=dtype)
     torch.mm(m, m)  # the first call pays for MKL's buffers
     # 5 products as one block: the CPU counters tick every 10 ms, too coarse for one ~50 ms product
     ceiling = lambda: measure(lambda: statistics.median(measure(torch.mm, m, m)[0] for _ in range(5)))
@@ -152,35 +152,48 @@ def conventional_epoch(args, data_dir, limit, num_workers):
     return epoch
 
 
-def run_training(args, opts, train_x):
-    """Round-robin epochs after an untimed warm-up, each between two ceiling samples, so that a share of the
-    ceiling compares the same minute of a drifting VM -> (times, the project's ceilings, project model)."""
+def project_epoch(args, train_x, precision):
+    """The project's own `utils.train_epoch` on a fresh model and optimiser, in fp32 or bf16 -> (epoch fn, model)."""
+    args = argparse.Namespace(**{**vars(args), "precision": precision})
     model = new_model(args)
     opt = utils.make_optimizer(model, args.lr)
-    contenders = {"project": lambda e: utils.train_epoch(model, opt, train_x, args, e, show_progress=False),
+    return lambda e: utils.train_epoch(model, opt, train_x, args, e, show_progress=False), model
+
+
+def run_training(args, opts, train_x):
+    """Round-robin epochs after an untimed warm-up, each between two ceiling samples (bf16's in bf16), so that a
+    share of the ceiling compares the same minute of a drifting VM -> (times, {precision: ceilings}, fp32 model)."""
+    (fp32, model), (bf16, _) = project_epoch(args, train_x, "fp32"), project_epoch(args, train_x, "bf16")
+    contenders = {"project": fp32, "project_bf16": bf16,
                   **{f"conv{w}": conventional_epoch(args, opts.data_dir, opts.limit, w) for w in (0, 1)}}
     for fn in contenders.values():  # warm-up: allocator, Adam state, worker start-up
         fn(1)
-    times, ceilings = {k: [] for k in contenders}, []
+    times, ceilings = {k: [] for k in contenders}, {"project": [], "project_bf16": []}
     for r in range(opts.reps):
         for k in random.Random(r).sample(list(contenders), len(contenders)):  # nobody always follows the same one
-            sample, _, ceiling = with_ceiling(contenders[k], 2 + r)  # every one alike; the project's are used
+            dtype = torch.bfloat16 if k == "project_bf16" else torch.float32
+            sample, _, ceiling = with_ceiling(contenders[k], 2 + r, dtype=dtype)  # the project's ceilings are used
             times[k].append(sample)
-            ceilings += [ceiling] if k == "project" else []
+            ceilings.get(k, []).append(ceiling)
     return times, ceilings, model
 
 
 def training_rows(times, ceilings, n, fpi, bs):
-    ceil, ceil_spread, ceil_note = summary(ceilings, "{:.1f}", per=lambda s: MM_FLOPS / s / 1e9)
-    proj, proj_spread, proj_note = summary(times["project"])
-    gflops, gf_spread, _ = summary(times["project"], "{:.1f}", per=lambda s: n * fpi / s / 1e9)
-    share = paired(times["project"], ceilings, lambda t, mm: (n * fpi / t) / (MM_FLOPS / mm))
-    rows = [("1", f"float32 matmul ceiling ({MM_N}² torch.mm)", f"{ceil:.1f} GFLOP/s", ceil_spread,
-             f"medians of 5 mm just before and after each project epoch; {ceil_note}"),
-            ("2", f"project `utils.train_epoch`, batch {bs}", f"{proj:.2f} s/epoch", proj_spread,
-             f"{n} images/epoch ({n / proj:,.0f}/s), preloaded tensors, `utils.make_optimizer`; {proj_note}"),
-            ("2", "… achieved GFLOP/s (% of ceiling)", f"{gflops:.1f} (**{100 * share:.0f}%**)", gf_spread,
-             f"{fpi / 1e6:.2f} MFLOP/image = 6 × multiply-adds of the Linear layers; % = median per-round ratio")]
+    rows = []
+    for k, dtype in (("project", "float32"), ("project_bf16", "bfloat16")):
+        ceil, ceil_spread, ceil_note = summary(ceilings[k], "{:.1f}", per=lambda s: MM_FLOPS / s / 1e9)
+        rows.append(("1", f"{dtype} matmul ceiling ({MM_N}² torch.mm)", f"{ceil:.1f} GFLOP/s", ceil_spread,
+                     f"medians of 5 mm just before and after each project {dtype} epoch; {ceil_note}"))
+    for k, precision in (("project", "fp32"), ("project_bf16", "bf16")):
+        proj, proj_spread, proj_note = summary(times[k])
+        gflops, gf_spread, _ = summary(times[k], "{:.1f}", per=lambda s: n * fpi / s / 1e9)
+        share = paired(times[k], ceilings[k], lambda t, mm: (n * fpi / t) / (MM_FLOPS / mm))
+        ratio = paired(times["project"], times[k], lambda a, b: a / b)
+        speedup = "" if k == "project" else f"**fp32/bf16 = {ratio:.2f}×** (median per-round ratio); "
+        rows += [("2", f"project `utils.train_epoch`, batch {bs}, `--precision {precision}`", f"{proj:.2f} s/epoch",
+                  proj_spread, f"{n} images/epoch ({n / proj:,.0f}/s), preloaded tensors; {speedup}{proj_note}"),
+                 ("2", "… achieved GFLOP/s (% of its ceiling)", f"{gflops:.1f} (**{100 * share:.0f}%**)", gf_spread,
+                  f"{fpi / 1e6:.2f} MFLOP/image = 6 × multiply-adds of the Linear layers; % = median per-round ratio")]
     for w, what in ((0, "DataLoader's default"), (1, "the examples' CUDA kwargs")):
         t, t_spread, t_note = summary(times[f"conv{w}"])
         ratio = paired(times[f"conv{w}"], times["project"], lambda c, p: c / p)

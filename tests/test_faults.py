@@ -300,7 +300,8 @@ def test_a_mixture_that_cannot_be_fitted_is_null_with_its_reason_and_the_rest_is
     x = (x * 1e4).astype(np.float32)  # float32 at this scale: sklearn finds ill-defined covariances
     args = argparse.Namespace(seed=0, kmeans_seeds=2, umap_seeds=0)
     unavailable, timings = {}, {}
-    out = measures.clustering_metrics(x, None, y, args, timings, unavailable)
+    out, kmeans = measures.clustering_metrics(x, None, y, args, timings, unavailable)
+    assert utils.cluster_accuracy(y, kmeans) == out["kmeans_latent"]["acc_per_seed"][0]  # one clustering, not two
     assert out["gmm_latent"] is None and "ill-defined empirical covariance" in unavailable["clustering.gmm_latent"]
     assert 0.5 < out["kmeans_latent"]["acc_mean"] <= 1 and out["kmeans_tsne"] is None and "clustering" in timings
     assert set(unavailable) == {"clustering.gmm_latent", "clustering.kmeans_tsne", "clustering.gmm_tsne"}

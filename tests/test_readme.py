@@ -10,8 +10,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import beta_study  # noqa: E402
 import demo_script  # noqa: E402
+import measures  # noqa: E402
 import utils  # noqa: E402
 
 EPOCHS = (1, 5, 10, 15, 20, 25, 30)
@@ -21,6 +24,7 @@ METHODS = {"kmeans_latent": "KMeans on μ", "gmm_latent": "Gaussian mixture on �
            "gmm_tsne": "Gaussian mixture on t-SNE", "umap_gmm": "UMAP → Gaussian mixture"}
 PROBES = {"logistic_100": "logistic, 100 labels", "logistic_1000": "logistic, 1,000 labels",
           "logistic_all": "logistic, 60,000 labels", "knn_all": "5-NN, 60,000 labels"}
+DISENTANGLEMENT = {"mig": "MIG", "sap": "SAP", "dci_d": "DCI D", "dci_i": "DCI I"}  # on Morpho-MNIST's factors
 # Burda et al. 2016, Table 1 (VAE, one stochastic layer of 50 units; IWAE k = 50), and Pythae's benchmark: test NLL.
 PUBLISHED_NLL = [("VAE, 1 stochastic layer, 50 units (Burda et al. 2016)", 86.76),
                  ("IWAE, k = 50 (Burda et al. 2016)", 84.78), ("VAE (Pythae benchmark)", 89.78)]
@@ -66,7 +70,8 @@ def headline_rows(m):
             ("… total correlation", "kl_decomposition.tc", ".2f"), ("… dim-wise KL", "kl_decomposition.dim_kl", ".2f"),
             ("Active units", "active_units", ".0f")]
     rows += [(f"Probe: {name}", f"probes.{key}.mean", ".3f") for key, name in PROBES.items()]
-    return rows + [(f"ACC: {name}", f"clustering.{key}.acc_mean", ".3f") for key, name in METHODS.items()]
+    rows += [(f"ACC: {name}", f"clustering.{key}.acc_mean", ".3f") for key, name in METHODS.items()]
+    return rows + [(f"Factors: {name}", f"disentanglement.{key}", ".3f") for key, name in DISENTANGLEMENT.items()]
 
 
 def spread(values, fmt):
@@ -142,7 +147,9 @@ def test_readme_headline_table_is_the_committed_runs():
     assert headline_table(m, utils.parse_loss_table((ROOT / "loss.txt").read_text()), seeds) in readme()
     # the reference run is `python demo_script.py --no-progress`: the defaults, with the progress bars hidden
     defaults = vars(demo_script.parse_args(["--no-progress"]))  # flags added since the run take their defaults
+    defaults.pop("precision")  # auto: what it resolves to depends on the machine; the README names the run's
     assert {k: demo_script.with_defaults(m["config"])[k] for k in defaults} == defaults
+    assert f"trained in {m['config']['precision']}" in readme()
 
 
 def test_readme_prose_quotes_the_committed_metrics_json():
@@ -151,17 +158,20 @@ def test_readme_prose_quotes_the_committed_metrics_json():
     quotes = [f"The IW bound ({iw:.2f}) sits {iw - elbo:.1f} nats above the ELBO ({elbo:.2f})".replace("-", "−"),
               f"(seed {m['config']['seed']}) scored {m['kmeans_single_seed_acc']:.3f}",
               f"All {m['active_units']} dimensions are active, with test KL between {min(kl):.1f} and {max(kl):.1f} nats",
-              f"{m['kl_decomposition']['mi']:.2f} of a possible {m['kl_decomposition']['mi_bound']:.2f}"]
+              f"{m['kl_decomposition']['mi']:.2f} of a possible {m['kl_decomposition']['mi_bound']:.2f}",
+              "; ".join(measures.atlas_label(e) for e in sorted(m["disentanglement"]["atlas"], key=lambda e: e["dim"]))]
     text = " ".join(readme().split())  # prose is wrapped at 120 columns
     assert [q for q in quotes if q not in text] == []
 
 
 def test_headline_table_prints_a_null_measure_as_a_dash():
     m = json.loads((ROOT / "metrics.json").read_text())
-    m["clustering"]["umap_gmm"], m["probes"] = None, None  # as a model that supports neither writes them
-    table = headline_table(m, utils.parse_loss_table((ROOT / "loss.txt").read_text()), seed_runs())
-    assert "| ACC: UMAP → Gaussian mixture | — | 0.950 ± 0.001 | |" in table
-    assert "| Probe: 5-NN, 60,000 labels | — | 0.962 ± 0.001 | |" in table
+    m["clustering"]["umap_gmm"], m["probes"], m["disentanglement"] = None, None, None  # as such a model writes them
+    seeds = seed_runs()
+    table = headline_table(m, utils.parse_loss_table((ROOT / "loss.txt").read_text()), seeds)
+    for name, path in [("ACC: UMAP → Gaussian mixture", "clustering.umap_gmm.acc_mean"),
+                       ("Probe: 5-NN, 60,000 labels", "probes.knn_all.mean"), ("Factors: MIG", "disentanglement.mig")]:
+        assert f"| {name} | — | {spread([number(sm, path) for sm, _ in seeds.values()], '.3f')} | |" in table
 
 
 def test_readme_likelihood_table_is_the_committed_binarized_runs():
@@ -179,13 +189,25 @@ def sweep_columns(text, headers):
     return "\n".join(lines + ["| " + " | ".join(r[i] for i in keep) + " |" for r in rows[2:]])
 
 
-SWEEP_README = ("β", "Seeds", "Test Recon", "Test KL", "Test -ELBO", "MI", "TC", "Probe 100 labels",
-                "kNN", "kmeans_latent ACC", "umap_gmm ACC")
+SWEEP_README = ("β", "Seeds", "Test -ELBO", "TC", "Probe 100 labels", "umap_gmm ACC", "MIG", "SAP", "DCI D", "DCI I")
 
 
 def test_readme_beta_study_is_the_committed_beta_sweep():
     assert sweep_columns((SWEEP / "beta_sweep.txt").read_text(), SWEEP_README) in readme()
     assert "[beta_sweep/beta_sweep.txt](beta_sweep/beta_sweep.txt)" in readme()  # every column, linked
+
+
+def test_beta_study_answer_is_the_committed_sweep():
+    runs = beta_study.study_runs(SWEEP)
+    assert [len(r) for r in runs.values()] == [5] * 6  # 6 βs × 5 seeds, every run with its disentanglement block
+    bench = (ROOT / "benchmarks" / "README.md").read_text()
+    assert beta_study.metric_table(runs) in bench and beta_study.factor_table(runs) in bench
+
+
+def test_eta_squared_known_answers():
+    assert beta_study.eta_squared([[1.0, 1.0], [3.0, 3.0]]) == 1  # all the spread is between the βs
+    assert beta_study.eta_squared([[1.0, 3.0], [1.0, 3.0]]) == 0  # all of it is between the seeds
+    assert abs(beta_study.eta_squared([[0.0, 2.0], [2.0, 4.0]]) - 0.5) < 1e-12  # between 2 of total 4
 
 
 def test_committed_figures_exist():
