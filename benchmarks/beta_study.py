@@ -9,14 +9,18 @@ informative dimension is its own (no other factor's, area aside), and its mean p
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import f_oneway, spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from measures import AVERAGED  # noqa: E402  the factors the scores average; area ≈ length × thickness is not
+
 METRICS = {"mig": "MIG", "sap": "SAP", "dci_d": "DCI D", "dci_c": "DCI C", "dci_i": "DCI I"}
-FACTORS = ("length", "thickness", "slant", "width", "height")  # the averaged ones; area ≈ length × thickness
 
 
 def study_runs(sweep):
@@ -52,7 +56,7 @@ def metric_table(runs):
 
 def owns_a_dimension(block, factor):
     """-> whether the factor's most informative dimension is no other averaged factor's most informative one."""
-    top = {f: block["per_factor"][f]["top_dim"] for f in FACTORS}
+    top = {f: block["per_factor"][f]["top_dim"] for f in AVERAGED}
     return all(top[factor] != d for f, d in top.items() if f != factor)
 
 
@@ -60,7 +64,7 @@ def factor_table(runs):
     """{β: [blocks]} -> Markdown: per factor and β, 'seeds where it owns its top dimension / seeds, mean MIG'."""
     betas = list(runs)
     lines = ["| factor | " + " | ".join(f"β = {b:g}" for b in betas) + " |", "|---" * (len(betas) + 1) + "|"]
-    for factor in FACTORS:
+    for factor in AVERAGED:
         cells = [f"{sum(owns_a_dimension(blk, factor) for blk in runs[b])}/{len(runs[b])}, "
                  f"{statistics.fmean(blk['per_factor'][factor]['mig'] for blk in runs[b]):.3f}" for b in betas]
         lines.append(f"| {factor} | " + " | ".join(cells) + " |")

@@ -174,7 +174,8 @@ def run_training(args, opts, train_x):
             dtype = torch.bfloat16 if k == "project_bf16" else torch.float32
             sample, _, ceiling = with_ceiling(contenders[k], 2 + r, dtype=dtype)  # the project's ceilings are used
             times[k].append(sample)
-            ceilings.get(k, []).append(ceiling)
+            if k in ceilings:
+                ceilings[k].append(ceiling)
     return times, ceilings, model
 
 
