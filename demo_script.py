@@ -77,8 +77,9 @@ def build_parser():
     a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
     a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
-    a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s each (a machine's first UMAP "
-                                                "also compiles numba code once); 0 skips UMAP (default: 2)")
+    a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s of one core each, side by side "
+                                                "on the run's cores (a machine's first UMAP also compiles numba code "
+                                                "once); 0 skips UMAP (default: 2)")
     a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
@@ -93,8 +94,8 @@ def build_parser():
     a("--scheduler", default=None, metavar="ADDRESS",
       help="run the grid's models on a running Dask scheduler, e.g. tcp://127.0.0.1:8786 (default: off)")
     a("--threads", type=int, default=None, metavar="N",
-      help="threads per model for torch, BLAS/OpenMP, numba and t-SNE (default: all cores when sequential, "
-           "cores // N with --workers N, 1 per model with --scheduler)")
+      help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
+           "cores when sequential, cores // N with --workers N, 1 per model with --scheduler)")
     a("--no-progress", action="store_true", help="hide the tqdm bars (default: shown)")
     a("--tensorboard", action="store_true", help="also log scalars, digit grids and hparams to OUT_DIR/tensorboard "
                                                  "(default: off)")

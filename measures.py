@@ -481,7 +481,7 @@ def measure_or_null(unavailable, name, step, *args, **kwargs):
 def clustering_metrics(mu, emb, y, args, timings, unavailable):
     """mu: (N, z) test latent means, emb: (n, 2) their t-SNE map or None -> (scores over seeds per method, None where
     not computable (reason in unavailable); (N,) KMeans clusters of mu for --seed, or None). Labels only score."""
-    seeds, out = range(args.seed, args.seed + args.kmeans_seeds), {}
+    seeds, out, cores = range(args.seed, args.seed + args.kmeans_seeds), {}, args.threads or utils.usable_cores()
     with utils.timed(timings, "clustering"):
         kmeans = measure_or_null(unavailable, "kmeans_single_seed_acc", utils.cluster_labels, mu, "kmeans", args.seed)
         for name, f, method in [("kmeans_latent", mu, "kmeans"), ("gmm_latent", mu, "gmm"),
@@ -489,12 +489,16 @@ def clustering_metrics(mu, emb, y, args, timings, unavailable):
             if f is None:
                 out[name], unavailable[f"clustering.{name}"] = None, "no t-SNE map (see tsne)"
             else:
+                # A mixture's EM leaves cores idle (small BLAS calls, Python between them), so its seeds run side by
+                # side; KMeans's own OpenMP loop keeps them busy (benchmarks/README.md, the analysis's phases).
                 out[name] = measure_or_null(unavailable, f"clustering.{name}", utils.clustering_scores, f, y[:len(f)],
-                                            method, seeds, kmeans if name == "kmeans_latent" else None)
+                                            method, seeds, kmeans if name == "kmeans_latent" else None,
+                                            cores if method == "gmm" else 1)
     if args.umap_seeds:
-        with utils.timed(timings, "umap"):
+        with utils.timed(timings, "umap"):  # each UMAP keeps one core busy: its seeds too run side by side
             out["umap_gmm"] = measure_or_null(unavailable, "clustering.umap_gmm", utils.clustering_scores, mu, y,
-                                              "umap_gmm", range(args.seed, args.seed + args.umap_seeds))
+                                              "umap_gmm", range(args.seed, args.seed + args.umap_seeds),
+                                              threads=cores)
     return out, kmeans
 
 

@@ -5,8 +5,11 @@ import os
 import random
 import sys
 import time
+import types
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -432,6 +435,23 @@ def numba_caching(on):
         numba.njit, numba.vectorize = njit, vectorize
 
 
+def sgd_epoch_without_gil(epoch):
+    """-> umap-learn's single-threaded SGD epoch (a UMAP's ~14 s) compiled with nogil=True: UMAPs in threads then
+    run side by side. Its copy gets a name of its own, because numba's cache key ignores nogil."""
+    import numba
+    copy = types.FunctionType(epoch.__code__, epoch.__globals__, epoch.__name__, epoch.__defaults__, epoch.__closure__)
+    copy.__qualname__ = f"{epoch.__qualname__}_nogil"
+    return numba.njit(copy, fastmath=True, parallel=False, nogil=True)  # umap-learn's own flags, and nogil
+
+
+def import_umap():
+    """Import umap-learn, with its SGD epoch swapped for sgd_epoch_without_gil's where this version has the hook."""
+    import umap.layouts as layouts
+    if hasattr(layouts, "_get_optimize_layout_euclidean_single_epoch_fn"):  # else: correct, one UMAP at a time
+        layouts._nb_optimize_layout_euclidean_single_epoch = sgd_epoch_without_gil(
+            layouts._optimize_layout_euclidean_single_epoch)
+
+
 def umap_module():
     """-> umap-learn, its numba code cached on disk so that only a machine's first UMAP compiles it; where numba can
     write no cache (unwritable NUMBA_CACHE_DIR, home and install), compiled in every process, with one warning."""
@@ -439,7 +459,7 @@ def umap_module():
         # umap-learn asks numba to cache 1 of its 117 functions; compiling the rest took ~30 s of every process.
         try:
             with numba_caching(True):
-                import umap  # noqa: F401
+                import_umap()
         except RuntimeError as e:  # numba, at import: "cannot cache function 'f': no locator available for file ..."
             if "no locator available" not in str(e):
                 raise
@@ -448,7 +468,7 @@ def umap_module():
             sys.stderr.write("warning: numba has no writable cache folder (NUMBA_CACHE_DIR, home, site-packages); "
                              "UMAP's code is compiled afresh in this process (~30 s)\n")
             with numba_caching(False):
-                import umap  # noqa: F401
+                import_umap()
     return sys.modules["umap"]
 
 
@@ -467,17 +487,32 @@ def umap_embedding(features, seed, n_components=10, n_neighbors=30):
         return reducer.fit_transform(features)
 
 
-def clustering_scores(features, y, method, seeds, first_labels=None):
+def labels_per_seed(features, method, seeds, threads=1):
+    """features: (N, d) -> [(N,) cluster ids for each seed]; threads > 1: the seeds side by side, BLAS on one thread
+    each, for methods that leave cores idle: UMAP (its SGD holds one core, without the GIL) and a mixture's EM."""
+    if threads <= 1 or len(seeds) < 2:
+        return [cluster_labels(features, method, s) for s in seeds]
+    if method == "umap_gmm":
+        umap_module()  # imported here, once: it swaps numba.njit for the duration, which threads must not race on
+    # One filter for all threads: warnings.catch_warnings (in umap_embedding) is not thread-safe, this outer one is
+    # restored last, so the filters end as they began.
+    with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
+        warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
+        return list(pool.map(partial(cluster_labels, features, method), seeds))
+
+
+def clustering_scores(features, y, method, seeds, first_labels=None, threads=1):
     """Cluster once per seed (labels only score) -> dict of mean and std ACC, NMI, ARI and the per-seed ACC;
-    first_labels: (N,) the clusters of seeds[0] when already at hand, so that they are not computed twice."""
-    runs = []
-    for i, s in enumerate(seeds):
-        pred = first_labels if i == 0 and first_labels is not None else cluster_labels(features, method, s)
-        runs.append((cluster_accuracy(y, pred), normalized_mutual_info_score(y, pred), adjusted_rand_score(y, pred)))
+    first_labels: (N,) the clusters of seeds[0] when already at hand, so that they are not computed twice;
+    threads: seeds run side by side (labels_per_seed)."""
+    seeds = list(seeds)
+    todo = seeds[1:] if first_labels is not None else seeds
+    preds = ([first_labels] if first_labels is not None else []) + labels_per_seed(features, method, todo, threads)
+    runs = [(cluster_accuracy(y, p), normalized_mutual_info_score(y, p), adjusted_rand_score(y, p)) for p in preds]
     acc, nmi, ari = np.array(runs).T
     # Sample std (ddof=1) over seeds; numpy gives nan, with a warning, for a single seed.
     return dict(acc_mean=acc.mean(), acc_std=acc.std(ddof=1), nmi_mean=nmi.mean(), nmi_std=nmi.std(ddof=1),
-                ari_mean=ari.mean(), ari_std=ari.std(ddof=1), acc_per_seed=acc.tolist(), seeds=list(seeds))
+                ari_mean=ari.mean(), ari_std=ari.std(ddof=1), acc_per_seed=acc.tolist(), seeds=seeds)
 
 
 def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):

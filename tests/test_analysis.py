@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,23 @@ def test_umap_then_gaussian_mixture_recovers_planted_clusters():
     x, y = planted(60, 20, 4.0)
     s = utils.clustering_scores(x, y, "umap_gmm", seeds=[0, 1])
     assert s["acc_mean"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["umap_gmm", "gmm"])
+def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
+    x, y = planted(30, 8, 1.5)  # overlapping clusters: labels that depend on the seed
+    filters = list(warnings.filters)
+    together = utils.labels_per_seed(x, method, [0, 1, 2], threads=2)
+    assert warnings.filters == filters  # UMAP's warning filter, set in threads, is undone
+    for seed, labels in zip([0, 1, 2], together):
+        assert np.array_equal(labels, utils.cluster_labels(x, method, seed))
+
+
+def test_umaps_sgd_epoch_runs_without_the_gil_and_caches_under_its_own_name():
+    layouts = utils.umap_module().layouts
+    swapped = layouts._get_optimize_layout_euclidean_single_epoch_fn(False)  # what an embedding with a seed calls
+    original = layouts._nb_optimize_layout_euclidean_single_epoch_parallel  # umap-learn's own njit, parallel twin
+    assert swapped.targetoptions["nogil"] and not original.targetoptions.get("nogil", False)
+    assert swapped.py_func.__code__ is layouts._optimize_layout_euclidean_single_epoch.__code__
+    # numba keys its cache by name and bytecode, not by nogil: one name would load umap-learn's GIL-holding copy
+    assert swapped.py_func.__qualname__ != original.py_func.__qualname__

@@ -298,7 +298,7 @@ def test_umap_clustering_completes_without_any_writable_numba_cache(tmp_path):
 def test_a_mixture_that_cannot_be_fitted_is_null_with_its_reason_and_the_rest_is_computed(capsys):
     x, y = planted(20, 10, 1.0)
     x = (x * 1e4).astype(np.float32)  # float32 at this scale: sklearn finds ill-defined covariances
-    args = argparse.Namespace(seed=0, kmeans_seeds=2, umap_seeds=0)
+    args = argparse.Namespace(seed=0, kmeans_seeds=2, umap_seeds=0, threads=None)  # None: mixtures side by side
     unavailable, timings = {}, {}
     out, kmeans = measures.clustering_metrics(x, None, y, args, timings, unavailable)
     assert utils.cluster_accuracy(y, kmeans) == out["kmeans_latent"]["acc_per_seed"][0]  # one clustering, not two
