@@ -158,6 +158,7 @@ def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
     filters = list(warnings.filters)
     together = utils.labels_per_seed(x, method, [0, 1, 2], threads=2)
     assert warnings.filters == filters  # UMAP's warning filter, set in threads, is undone
+    assert len({labels.tobytes() for labels in together}) == 3  # so a swap of two seeds' results would show
     for seed, labels in zip([0, 1, 2], together):
         assert np.array_equal(labels, utils.cluster_labels(x, method, seed))
 
