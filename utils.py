@@ -447,7 +447,7 @@ def sgd_epoch_without_gil(epoch):
 def import_umap():
     """Import umap-learn, with its SGD epoch swapped for sgd_epoch_without_gil's where this version has the hook."""
     import umap.layouts as layouts
-    if hasattr(layouts, "_get_optimize_layout_euclidean_single_epoch_fn"):  # else: correct, one UMAP at a time
+    if hasattr(layouts, "_get_optimize_layout_euclidean_single_epoch_fn"):  # 0.5.7-0.5.12 have it; else one at a time
         layouts._nb_optimize_layout_euclidean_single_epoch = sgd_epoch_without_gil(
             layouts._optimize_layout_euclidean_single_epoch)
 
