@@ -505,9 +505,8 @@ def clustering_scores(features, y, method, seeds, first_labels=None, threads=1):
     """Cluster once per seed (labels only score) -> dict of mean and std ACC, NMI, ARI and the per-seed ACC;
     first_labels: (N,) the clusters of seeds[0] when already at hand, so that they are not computed twice;
     threads: seeds run side by side (labels_per_seed)."""
-    seeds = list(seeds)
-    todo = seeds[1:] if first_labels is not None else seeds
-    preds = ([first_labels] if first_labels is not None else []) + labels_per_seed(features, method, todo, threads)
+    seeds, given = list(seeds), [] if first_labels is None else [first_labels]
+    preds = given + labels_per_seed(features, method, seeds[len(given):], threads)
     runs = [(cluster_accuracy(y, p), normalized_mutual_info_score(y, p), adjusted_rand_score(y, p)) for p in preds]
     acc, nmi, ari = np.array(runs).T
     # Sample std (ddof=1) over seeds; numpy gives nan, with a warning, for a single seed.
