@@ -160,11 +160,48 @@ def project_epoch(args, train_x, precision):
     return lambda e: utils.train_epoch(model, opt, train_x, args, e, show_progress=False), model
 
 
+def network_epoch(args, n, precision):
+    """The network's own share of an epoch: forward, backward and a fused Adam step on one batch, once per batch of
+    n images, with no loss terms, gradient norm or bookkeeping -> epoch fn. Its fp32/bf16 caps the project step's."""
+    model = new_model(args)
+    opt, xb = utils.make_optimizer(model, args.lr), torch.rand(args.batch_size, model.config.input_dim)
+
+    def epoch(e):
+        for _ in range(-(-n // args.batch_size)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits, mu, logvar = model(xb)
+            (logits.float().sum() + mu.float().sum() + logvar.float().sum()).backward()  # the cheapest scalar
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return epoch
+
+
+def matmul_epoch(args, n, precision):
+    """An epoch's matrix products alone, in the precision's dtype: each Linear's forward product and its backward
+    weight and input products (none for the first layer's input), once per batch of n images -> epoch fn."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    layers = [m for m in new_model(args).modules() if isinstance(m, torch.nn.Linear)]
+    operands = [(torch.randn(args.batch_size, m.in_features, dtype=dtype), m.weight.detach().to(dtype),
+                 m.bias.detach().to(dtype), torch.randn(args.batch_size, m.out_features, dtype=dtype)) for m in layers]
+
+    def epoch(e):
+        for _ in range(-(-n // args.batch_size)):
+            for i, (x, w, b, grad_out) in enumerate(operands):
+                torch.addmm(b, x, w.t())
+                grad_out.t().mm(x)
+                if i:
+                    grad_out.mm(w)
+    return epoch
+
+
 def run_training(args, opts, train_x):
     """Round-robin epochs after an untimed warm-up, each between two ceiling samples (bf16's in bf16), so that a
     share of the ceiling compares the same minute of a drifting VM -> (times, {precision: ceilings}, fp32 model)."""
     (fp32, model), (bf16, _) = project_epoch(args, train_x, "fp32"), project_epoch(args, train_x, "bf16")
+    n = train_x.shape[0]
     contenders = {"project": fp32, "project_bf16": bf16,
+                  **{f"{part}_{p}": f(args, n, p) for part, f in (("network", network_epoch), ("matmul", matmul_epoch))
+                     for p in ("fp32", "bf16")},
                   **{f"conv{w}": conventional_epoch(args, opts.data_dir, opts.limit, w) for w in (0, 1)}}
     for fn in contenders.values():  # warm-up: allocator, Adam state, worker start-up
         fn(1)
@@ -195,6 +232,15 @@ def training_rows(times, ceilings, n, fpi, bs):
                   proj_spread, f"{n} images/epoch ({n / proj:,.0f}/s), preloaded tensors; {speedup}{proj_note}"),
                  ("2", "… achieved GFLOP/s (% of its ceiling)", f"{gflops:.1f} (**{100 * share:.0f}%**)", gf_spread,
                   f"{fpi / 1e6:.2f} MFLOP/image = 6 × multiply-adds of the Linear layers; % = median per-round ratio")]
+    for part, what, meaning in (
+            ("network", "the network alone: forward, backward, fused Adam; no loss terms", "the most the project step "
+             "could gain were its loss terms, gradient norm and bookkeeping free"),
+            ("matmul", "its matrix products alone: each Linear's forward and backward products", "the most any step "
+             "could gain were everything but the matrix products free")):
+        (a, a_spread, a_note), (b, b_spread, b_note) = (summary(times[f"{part}_{p}"]) for p in ("fp32", "bf16"))
+        ratio = paired(times[f"{part}_fp32"], times[f"{part}_bf16"], lambda x, y: x / y)
+        rows.append(("2", f"… {what}, fp32 / bf16", f"{a:.2f} / {b:.2f} s/epoch", f"{a_spread} / {b_spread}",
+                     f"**fp32/bf16 = {ratio:.2f}×** (median per-round ratio): {meaning}; {a_note} / {b_note}"))
     for w, what in ((0, "DataLoader's default"), (1, "the examples' CUDA kwargs")):
         t, t_spread, t_note = summary(times[f"conv{w}"])
         ratio = paired(times[f"conv{w}"], times["project"], lambda c, p: c / p)
