@@ -167,6 +167,17 @@ def test_the_three_terms_add_up_to_the_closed_form_kl(seed, d):
     assert r["sum"] == pytest.approx(r["kl_closed_form"], abs=5 * r["sum_mc_se"])
 
 
+@settings(max_examples=8, deadline=None)
+@given(rows=st.integers(1, 120))
+def test_the_block_size_changes_no_bit_of_the_decomposition(rows):
+    # Blocks only bound memory and keep it in cache (max_elements); each row's sums are the same whatever the block,
+    # so the committed numbers do not depend on it. 97 rows: most block sizes leave a shorter last block.
+    g = torch.Generator().manual_seed(7)
+    mu, logvar = torch.randn(97, 3, generator=g), torch.randn(97, 3, generator=g) * 0.3 - 1
+    terms = lambda elements: measures.kl_decomposition_terms(mu, logvar, torch.Generator().manual_seed(1), elements)
+    assert torch.equal(terms(rows * mu.numel()), terms(2 ** 24))
+
+
 # ----------------------------------------------------------------------------- probes and UMAP clustering
 
 
