@@ -127,7 +127,8 @@ def kl_decomposition_terms(mu, logvar, generator=None, max_elements=2 ** 20):
     step = max(1, max_elements // mu.numel())
     # Filled in place, as iw_log_likelihood's: a small result kept per block split the heap's freed 4 MB blocks.
     out = torch.empty(len(z), 4, device=mu.device, dtype=mu.dtype)
-    for i, zb, mub, logvarb in zip(range(0, len(z), step), *(batched(t, step) for t in (z, mu, logvar))):
+    for i in range(0, len(z), step):
+        zb, mub, logvarb = z[i:i + step], mu[i:i + step], logvar[i:i + step]
         log_qz, log_qz_j = aggregate_log_densities(zb, mu, logvar)
         log_pz = -0.5 * (zb.pow(2) + LOG_2PI).sum(-1)
         out[i:i + len(zb)] = torch.stack([log_normal(zb, mub, logvarb).sum(-1), log_qz, log_qz_j.sum(-1), log_pz], 1)
