@@ -18,7 +18,7 @@ from model import BetaVAE, VAEConfig  # noqa: E402
 
 DATA_DIR = ROOT / "data"
 # UMAP is off (--umap-seeds 0) except in the one quick run that checks its row: each embedding costs seconds.
-QUICK = ["--epochs", "1", "--limit", "2000", "--test-limit", "2000", "--tsne-points", "500", "--iw-samples", "10",
+QUICK = ["--epochs", "1", "--limit", "2000", "--test-limit", "1000", "--tsne-points", "300", "--iw-samples", "10",
          "--kmeans-seeds", "2", "--umap-seeds", "0",
          "--no-progress", "--data-dir", str(DATA_DIR)]
 

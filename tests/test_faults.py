@@ -1,4 +1,4 @@
-"""Faults that clusters and laptops produce: two writers on one folder, SIGTERM, a full disk, no numba cache, degenerate
+"""Faults that clusters and laptops produce: two writers on one folder, Ctrl-C and SIGTERM, a full disk, no numba cache, degenerate
 models. (Two grid commands on one folder: tests/test_grid.py, beside the grid they are compared with.)"""
 import argparse
 import contextlib
@@ -58,15 +58,19 @@ def reference(mnist_dir, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def terminated(mnist_dir, tmp_path_factory):
-    """RUN sent SIGTERM once its first checkpoint is written -> (its folder, exit code, stderr); tests copy the folder."""
-    out = tmp_path_factory.mktemp("terminated") / "run"
+def stopped(out, sig):
+    """RUN in a child sent `sig` once its first checkpoint is written -> (out, exit code, stderr)."""
     proc = start(RUN + ["--out-dir", out])
     wait_for(out / "checkpoint.pt", proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
     return out, proc.returncode, stderr
+
+
+@pytest.fixture(scope="module")
+def terminated(mnist_dir, tmp_path_factory):
+    """RUN sent SIGTERM mid-training -> (its folder, exit code, stderr); tests copy the folder."""
+    return stopped(tmp_path_factory.mktemp("terminated") / "run", signal.SIGTERM)
 
 
 # ----------------------------------------------------------------------------- one writer per run folder
@@ -123,14 +127,17 @@ def test_a_waiting_lock_is_granted_when_its_holder_lets_go(tmp_path):
     assert len(acquired) == 1 and acquired[0] >= released
 
 
-# ----------------------------------------------------------------------------- SIGTERM, like Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C, and SIGTERM like it
 
 
-def test_sigterm_mid_training_exits_143_then_resume_matches_uninterrupted_run(reference, terminated, tmp_path):
-    out, code, stderr = terminated
-    assert code == 143, stderr
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_mid_training_exits_then_resume_matches_uninterrupted_run(reference, terminated, tmp_path, sig,
+                                                                             code, word):
+    out, got, stderr = terminated if sig == signal.SIGTERM else stopped(tmp_path / "run", sig)
+    assert got == code, stderr
     last = stderr.strip().splitlines()[-1]
-    assert "Traceback" not in stderr and "terminated" in last and "--resume" in last
+    assert "Traceback" not in stderr and word in last and "--resume" in last
     cut = tmp_path / "cut"
     shutil.copytree(out, cut)
     done = utils.load_checkpoint(cut / "checkpoint.pt")["epoch"]

@@ -15,7 +15,7 @@ import grid
 import utils
 from conftest import QUICK, ROOT, default_signals, run_cli, thread_limits_restored, wait_for
 
-BASE = QUICK + ["--epochs", "2", "--warmup-epochs", "0", "--test-limit", "1000", "--tsne-points", "500",
+BASE = QUICK + ["--epochs", "2", "--warmup-epochs", "0", "--test-limit", "500", "--tsne-points", "300",
                 "--umap-seeds", "0"]  # β from the first step: the βs train different models
 GRID = BASE + ["--beta-sweep", "0.5", "2", "--train-seeds", "1", "2"]
 MEMBERS = [(b, s) for b in ("0.5", "2") for s in (1, 2)]

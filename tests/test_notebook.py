@@ -20,7 +20,7 @@ def quick_notebook(data_dir, out_dir, **extra):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1, "demo.ipynb needs exactly one cell tagged 'parameters'"
-    overrides = {**dict(EPOCHS=1, LIMIT=3000, TEST_LIMIT=2000, TSNE_POINTS=500, KMEANS_SEEDS=2, LOAD_CHECKPOINT=False,
+    overrides = {**dict(EPOCHS=1, LIMIT=3000, TEST_LIMIT=1000, TSNE_POINTS=500, KMEANS_SEEDS=2, LOAD_CHECKPOINT=False,
                         DATA_DIR=str(data_dir), OUT_DIR=str(out_dir)), **extra}
     params[0].source += "\n" + "\n".join(f"{k} = {v!r}" for k, v in overrides.items())
     return nb
