@@ -573,6 +573,7 @@ def plot_latent_distribution(mu, y, path, title, class_names):
         ax.hist(mu[:, d], bins=60, range=(-4, 4), density=True, histtype="stepfilled", color="tab:blue", alpha=0.7)
         ax.plot(grid_x, np.exp(-grid_x ** 2 / 2) / np.sqrt(2 * np.pi), color="k", lw=1)
         ax.set_title(f"z{d}  var {mu[:, d].var():.2f}", fontsize=8)
+        # the N(0, 1) curve is the density's scale; tick layout was half the figure's drawing time
         ax.set(xticks=[-4, -2, 0, 2, 4], yticks=[])
         ax.tick_params(labelsize=6)
     ax = fig.add_subplot(grid[:, 5:])
