@@ -1,5 +1,6 @@
-"""Faults that clusters and laptops produce: two writers on one folder, Ctrl-C and SIGTERM, a full disk, no numba cache, degenerate
-models. (Two grid commands on one folder: tests/test_grid.py, beside the grid they are compared with.)"""
+"""Faults that clusters and laptops produce: two writers on one folder, Ctrl-C and SIGTERM, a full disk, no numba
+cache, degenerate models. (Two grid commands on one folder: tests/test_grid.py, beside the grid they are compared
+with.)"""
 import argparse
 import contextlib
 import errno
