@@ -178,6 +178,43 @@ def test_the_block_size_changes_no_bit_of_the_decomposition(rows):
     assert torch.equal(terms(rows * mu.numel()), terms(2 ** 24))
 
 
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 4), d=st.integers(1, 12), n=st.integers(1, 200))
+def test_the_folded_max_over_n_is_amax_exactly(b, d, n):
+    mu = torch.randn(n, d, generator=torch.Generator().manual_seed(n))
+    per_dim = torch.randn(b, d, 1) - mu.T[None]  # stored (B, N, d), as aggregate_log_densities builds it
+    for x in (per_dim, per_dim.contiguous()):  # any n: gcd(n, 16) from 1 (primes) to 16
+        assert torch.equal(measures.max_over_last(x), x.amax(-1, keepdim=True))
+
+
+def test_the_floored_log_sum_exp_is_torchs_on_special_rows():
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([[-inf, -inf, -inf], [0.0, inf, 1.0], [nan, 0.0, 1.0], [0.0, -200.0, -1e30], [5.0, 5.0, -inf]])
+    got = measures.log_sum_exp(x, x.amax(-1, keepdim=True))
+    assert torch.equal(got.isnan(), torch.tensor([False, False, True, False, False]))
+    assert torch.equal(got.nan_to_num(), torch.logsumexp(x, -1).nan_to_num())  # -inf and inf rows included
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), scale=st.floats(1.0, 1e4))
+def test_the_floored_log_sum_exp_is_within_float_rounding_of_the_exact_one(seed, scale):
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(seed)) * scale  # most terms floored at scale 1e4
+    exact = torch.logsumexp(x.double(), -1)
+    assert torch.allclose(measures.log_sum_exp(x, x.amax(-1, keepdim=True)).double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_flooring_exp_changes_no_bit_of_a_decomposition_with_many_underflowing_terms(monkeypatch):
+    # Sharp posteriors far apart: most terms of q(z_j) = mean_m q(z_j | x_m) sit below exp(-87) relative to the largest.
+    mu, logvar = gaussian_population(1500, (9 * torch.eye(6)).tolist(), 0.05)
+    mu, logvar = mu.float(), logvar.float()
+    per_dim = mu[:100, :, None] - mu.T[None]
+    per_dim = -0.5 * (per_dim.square() / logvar.T.exp()[None] + logvar.T[None] + measures.LOG_2PI)
+    assert (per_dim - per_dim.amax(-1, keepdim=True) < measures.EXP_FLOOR).float().mean() > 0.3
+    floored = measures.kl_decomposition_terms(mu, logvar, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(measures, "log_sum_exp", lambda x, top: torch.logsumexp(x, -1))
+    assert torch.equal(floored, measures.kl_decomposition_terms(mu, logvar, torch.Generator().manual_seed(1)))
+
+
 # ----------------------------------------------------------------------------- probes and UMAP clustering
 
 
