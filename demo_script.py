@@ -400,7 +400,7 @@ def main(argv=None):
     try:
         with data.sigterm_raises():
             if is_grid:  # run by module name, not __main__'s: what a pool or Dask worker can import and unpickle
-                # Each member locks its own folder (grid.grid_member); two grid commands on one folder both finish.
+                # Each member locks its own folder (grid.grid_member): two grid commands on one folder share its members.
                 return grid.grid(args, importlib.import_module("demo_script").run, with_defaults({}))
             with data.folder_lock(args.out_dir):  # one writer per folder, before any data is read; run() takes none
                 utils.limit_threads(args.threads)

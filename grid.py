@@ -121,13 +121,14 @@ def sigint_raises():
         signal.signal(signal.SIGINT, previous)
 
 
-def grid_member(sub, run, defaults, log_to_file=False):
+def grid_member(sub, run, defaults, log_to_file=False, wait=True):
     """One member through run(sub), in whatever process the executor chose -> its metrics; a finished one read back, a
     started one resumed from its checkpoint.pt. It holds its folder's lock throughout: a copy of it already running (a
-    second grid command, Dask re-running a member it thought lost) is waited for, then read back or resumed; Ctrl-C
-    and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its stdout.txt, not the terminal."""
+    second grid command, Dask re-running a member it thought lost) raises data.FolderBusy, or with wait is waited for,
+    then read back or resumed; Ctrl-C and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its
+    stdout.txt, not the terminal."""
     utils.limit_threads(sub.threads)
-    with sigint_raises(), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=True):
+    with sigint_raises(), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
         if metrics:
             return metrics
@@ -193,24 +194,30 @@ def grid_executor(args):
 
 
 def run_members(members, args, run, defaults):
-    """Every member through the executor -> ({name: metrics}, {name: one-line error}); a broken pool is replaced."""
-    results, errors, todo = {}, {}, list(members)
-    for _ in range(POOL_ATTEMPTS):
+    """Every member through the executor -> ({name: metrics}, {name: one-line error}); a member that another command
+    holds is passed over, then waited for once the rest are done; a broken pool is replaced."""
+    # Passing over held members lets two grid commands on one folder train different members side by side; waiting
+    # on them in turn would have made the second command idle until the first had done the member it wanted.
+    results, errors, todo, wait, deaths = {}, {}, list(members), False, 0
+    while todo and deaths < POOL_ATTEMPTS:
         with grid_executor(args) as executor:
-            futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers)): m for m in todo}
-            todo = []
+            futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers), wait): m for m in todo}
+            todo, died = [], False
             for future in cf.as_completed(futures):
                 name = member_name(futures[future])
                 try:
                     results[name] = future.result()
                     print(f"{name}: done ({len(results)} of {len(members)})", flush=True)
+                except data.FolderBusy:
+                    todo.append(futures[future])
+                    print(f"{name}: another run holds it; it is waited for after the others", flush=True)
                 except cf.BrokenExecutor:  # its process died (killed, out of memory): resume it in a fresh pool
                     todo.append(futures[future])
+                    died = True
                 except Exception as e:
                     errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                     print(f"{name}: failed: {errors[name]}", file=sys.stderr, flush=True)
-        if not todo:
-            break
+        deaths, wait = deaths + died, True
     errors.update({member_name(m): f"its worker process died {POOL_ATTEMPTS} times" for m in todo})
     return results, errors
 

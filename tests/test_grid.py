@@ -146,8 +146,8 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
 
 
 def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(reference, tmp_path):
-    # The same command twice at once: a member the other holds is waited for, then read back, never trained again.
-    # Two of the reference grid's members keep it short.
+    # The same command twice at once: a member the other holds is passed over, then waited for and read back, never
+    # trained again. Two of the reference grid's members keep it short.
     flags = BASE + ["--beta-sweep", "0.5", "2", "--train-seeds", "1", "--threads", "1", "--out-dir", tmp_path]
     procs = [subprocess.Popen([sys.executable, "demo_script.py", *map(str, flags)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -155,6 +155,9 @@ def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(
     assert [p.returncode for p in procs] == [0, 0], [err[-1500:] for _, err in outs]
     stdout = "".join(out for out, _ in outs)
     assert stdout.count("epoch   1  beta") == 2 and "resuming" not in stdout  # each member trained once, whole
+    # side by side, one each: the command that found the first member held trained the second meanwhile
+    assert [out.count("epoch   1  beta") for out, _ in outs] == [1, 1], [out for out, _ in outs]
+    assert stdout.count("another run holds it; it is waited for after the others") == 2
     for b in ("0.5", "2"):
         assert loss_rows(tmp_path, b, 1) == loss_rows(reference, b, 1), b
         assert not (member(tmp_path, b, 1) / data.LOCK_FILE).exists()
@@ -179,6 +182,7 @@ def test_a_failing_member_is_named_and_the_others_finish(reference, tmp_path, mo
 
 def test_dask_grid_survives_a_killed_worker_and_equals_the_sequential_grid(reference, tmp_path):
     distributed = pytest.importorskip("distributed")
+    copy_grid(reference, tmp_path, drop=[("0.5", 1), ("2", 2)])  # two members to train: one for each worker
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
         argv = [str(a) for a in GRID + ["--scheduler", cluster.scheduler_address, "--out-dir", tmp_path]]
