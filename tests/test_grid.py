@@ -157,7 +157,7 @@ def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(
     assert stdout.count("epoch   1  beta") == 2 and "resuming" not in stdout  # each member trained once, whole
     # side by side, one each: the command that found the first member held trained the second meanwhile
     assert [out.count("epoch   1  beta") for out, _ in outs] == [1, 1], [out for out, _ in outs]
-    # the second one found held; the first only if the other was still on it when it got there
+    # the later command found the first member held; the other found the second held only if it got there in time
     assert stdout.count("another run holds it; it is waited for after the others") in (1, 2)
     for b in ("0.5", "2"):
         assert loss_rows(tmp_path, b, 1) == loss_rows(reference, b, 1), b
