@@ -75,7 +75,7 @@ def build_parser():
                                               "re-sampled as Bernoulli(x), one fixed binary test set (default: off)")
     a("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images only (default: all)")
     a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
-    a("--iw-samples", type=int, default=100, help="importance samples K for log p(x) (default: 100)")
+    a("--iw-samples", type=int, default=100, help="importance samples K for log p(x), at least 2 (default: 100)")
     a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
     a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s of one core each, side by side "
                                                 "on the run's cores (a machine's first UMAP also compiles numba code "
@@ -139,7 +139,7 @@ def invalid_flag(args):
         (args.test_limit is None or 100 <= args.test_limit <= n_test, f"--test-limit must be between 100 and {n_test}"),
         (100 <= args.tsne_points <= (args.test_limit or n_test),
          f"--tsne-points must be between 100 and --test-limit ({args.test_limit or n_test})"),
-        (1 <= args.iw_samples <= 10000, "--iw-samples must be between 1 and 10000"),
+        (2 <= args.iw_samples <= 10000, "--iw-samples must be between 2 and 10000: one has no MC error"),
         (args.kmeans_seeds >= 2, "--kmeans-seeds must be >= 2: the spread needs two runs"),
         (args.umap_seeds == 0 or args.umap_seeds >= 2, "--umap-seeds must be 0 (no UMAP) or >= 2"),
         (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),

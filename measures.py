@@ -96,12 +96,14 @@ def iw_log_likelihood(model, x, k, kind, seed=0, chunk=1000, show_progress=False
             for start in range(0, k, per_pass):
                 log_w = iw_log_weights(model, xb, mu, logvar, min(per_pass, k - start), kind, gen)
                 lse, lse2 = lse.logaddexp(log_w.logsumexp(0)), lse2.logaddexp((2 * log_w).logsumexp(0))
-            # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) = sum w^2 / (sum w)^2 - 1/K (Owen 2013, Monte Carlo
-            # theory, methods and examples, Ch. 9). It can understate the error when a few weights dominate.
+            # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) (Owen 2013, Monte Carlo theory, methods and examples,
+            # Ch. 9): sum w^2 / (sum w)^2 - 1/K with Var(w)'s 1/K form. It can understate the error when a few weights
+            # dominate.
             out[0, i:i + len(xb)], out[1, i:i + len(xb)] = lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k
             bar.update(xb.shape[0])
     log_px, mc_var = out.cpu().double()  # float64 on the CPU only: MPS has none
-    return log_px, mc_var.clamp(min=0)
+    # K / (K - 1): the unbiased sample variance of w; the 1/K form is 0 for one weight, whose error is unknown: nan
+    return log_px, mc_var.clamp(min=0) * (k / (k - 1) if k > 1 else math.nan)
 
 
 # ----------------------------------------------------------------------------- KL decomposition (β-TCVAE)
@@ -167,12 +169,14 @@ def kl_decomposition(mu, logvar, seed=0):
     log_qzx, log_qz, log_qz_prod, log_pz = kl_decomposition_terms(mu, logvar, gen).cpu().double().T
     # Chen et al. 2018 (beta-TCVAE), Eq. 2: E_x KL(q(z|x) || p(z)) = I_q(x; z) + TC(q(z)) + sum_j KL(q(z_j) || p(z_j))
     terms = dict(mi=log_qzx - log_qz, tc=log_qz - log_qz_prod, dim_kl=log_qz_prod - log_pz)
-    total = log_qzx - log_pz
+    total, kl = log_qzx - log_pz, kl_per_dim(mu, logvar).sum(-1)
     n = mu.shape[0]
+    # The sum is checked against the closed form on the same images, so its error is the z draw's alone: the spread
+    # of total_n - KL_n, whose mean is 0, not of total_n, which adds how much KL_n varies from image to image.
+    mc_se = float((total - kl.cpu().double()).std()) / math.sqrt(n)
     # log q(z_n) >= log q(z_n | x_n) - log N, so the MI estimate can never exceed log N, whatever the true MI is.
-    return {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()),
-            "sum_mc_se": float(total.std()) / math.sqrt(n), "kl_closed_form": float(kl_per_dim(mu, logvar).sum(-1).mean()),
-            "mi_bound": math.log(n)}
+    return {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()), "sum_mc_se": mc_se,
+            "kl_closed_form": float(kl.mean()), "mi_bound": math.log(n)}
 
 
 # ----------------------------------------------------------------------------- probes: what a read-out with labels finds
@@ -328,12 +332,12 @@ def read_morphometrics_cache(path, md5, n):
     return table[:, 1:] if ok else None
 
 
-def cached_morphometrics(images, image_file, cache_path):
+def cached_morphometrics(images, image_file, cache_path, workers=None):
     """images: the first N (N, 28, 28) of the IDX file image_file -> (N, 6), measured once per machine."""
     md5 = data.file_digest(image_file)
     values = read_morphometrics_cache(cache_path, md5, len(images))
     if values is None:
-        values = morphometrics(images)
+        values = morphometrics(images, workers)
         table = np.column_stack([np.arange(len(values)), values])
         csv = io.StringIO()  # Morpho-MNIST's columns, under the md5 of the images measured
         header = f"# morphometrics v{MORPHO_VERSION} md5={md5} n={len(values)}\n" + ",".join(("index",) + FACTORS)
@@ -343,11 +347,11 @@ def cached_morphometrics(images, image_file, cache_path):
     return values
 
 
-def test_set_morphometrics(data_dir, dataset, n):
+def test_set_morphometrics(data_dir, dataset, n, workers=None):
     """-> (n, 6) morphometrics of the first n real test images (grey, whatever --binarize), from the cache."""
     folder = data.raw_dir(data_dir, dataset)
     images = data.read_idx(folder / "t10k-images-idx3-ubyte")[:n]
-    return cached_morphometrics(images, folder / "t10k-images-idx3-ubyte", folder / "morpho-test.csv")
+    return cached_morphometrics(images, folder / "t10k-images-idx3-ubyte", folder / "morpho-test.csv", workers)
 
 
 # ----------------------------------------------------------------------------- disentanglement against the factors
@@ -396,8 +400,9 @@ def sap(codes, factors):
     return top_two_gaps(r2), r2  # Kumar et al. 2018, SAP for continuous factors: top minus second R^2
 
 
-def dci_importances(codes, factors, n_train):
-    """codes: (N, d), factors: (N, k), rows [:n_train] train -> (d, k) GBT importances, (k,) test R^2."""
+def dci_importances(codes, factors, n_train, threads=None):
+    """codes: (N, d), factors: (N, k), rows [:n_train] train -> (d, k) GBT importances, (k,) test R^2; threads
+    (None: every usable core) fit the factors' regressors side by side."""
     if n_train < 10 or len(codes) - n_train < 2:
         raise ValueError(f"DCI needs >= 10 training and >= 2 test rows, got {n_train} and {len(codes) - n_train}")
     codes, factors = np.asarray(codes, np.float64), np.asarray(factors, np.float64)
@@ -407,7 +412,7 @@ def dci_importances(codes, factors, n_train):
         return np.abs(model.feature_importances_), model.score(codes[n_train:], y[n_train:])
 
     # threads: scikit-learn builds each tree without the GIL, and one regressor alone leaves the other cores idle
-    with cf.ThreadPoolExecutor(utils.usable_cores()) as pool:
+    with cf.ThreadPoolExecutor(threads or utils.usable_cores()) as pool:
         importance, r2 = zip(*pool.map(fit, factors.T))
     return np.stack(importance, axis=1), np.array(r2)
 
@@ -430,12 +435,12 @@ def dci_scores(importance):
     return float(disentanglement), float(completeness)
 
 
-def disentanglement(codes, factors, n_train):
+def disentanglement(codes, factors, n_train, threads=None):
     """codes: (N, d) encoder means, factors: (N, 6) FACTORS -> dict of MIG, SAP, DCI, per-factor scores, protocol."""
     averaged = [FACTORS.index(name) for name in AVERAGED]
     gaps, mi = mig(codes, factors)
     sap_gaps, _ = sap(codes, factors)
-    importance, r2 = dci_importances(codes, factors, n_train)
+    importance, r2 = dci_importances(codes, factors, n_train, threads)
     dci_d, dci_c = dci_scores(importance[:, averaged])
     per_factor = {name: dict(top_dim=int(np.argmax(mi[:, j])), mig=float(gaps[j]), sap=float(sap_gaps[j]),
                              r2=float(r2[j])) for j, name in enumerate(FACTORS)}
@@ -481,8 +486,9 @@ def factor_report(mu, traversals, dims, values, args):
     """mu: (N, z) test codes, traversals: (D, bases, V, 784) decoded along dims -> metrics.json's disentanglement."""
     if args.dataset != "mnist":
         raise ValueError("Morpho-MNIST's morphometrics describe handwritten digits, not this data set's images")
-    factors = test_set_morphometrics(args.data_dir, args.dataset, len(mu))
-    report = disentanglement(mu, factors, n_train=len(mu) // 2)  # 5,000 / 5,000 on the full test set
+    # --threads caps the cores: in a grid of --workers members each gets its share, not every core
+    factors = test_set_morphometrics(args.data_dir, args.dataset, len(mu), workers=args.threads)
+    report = disentanglement(mu, factors, len(mu) // 2, args.threads)  # 5,000 / 5,000 on the full test set
     decoded = morphometrics(traversals.reshape(-1, 28, 28).cpu().numpy(), workers=1)
     report["atlas"] = traversal_effects(dims, values, decoded.reshape(*traversals.shape[:3], 6), factors.std(0))
     return report

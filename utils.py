@@ -70,8 +70,9 @@ def resolve_device(name):
 
 def resolve_precision(name, device):
     """'auto' | 'fp32' | 'bf16' -> the training precision on torch.device `device`; ValueError where bf16 cannot run."""
+    # Native units only: oneDNN's AVX512-BF16 or AMX, and CUDA from Ampere (compute 8.0) on; before it bf16 is emulated.
     hardware = {"cpu": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
-                "cuda": device.type == "cuda" and torch.cuda.is_bf16_supported()}  # oneDNN: AVX512-BF16 or AMX
+                "cuda": device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)}
     if name == "auto":
         return "bf16" if hardware.get(device.type) else "fp32"
     if name == "bf16" and device.type not in hardware:

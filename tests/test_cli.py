@@ -95,7 +95,7 @@ BAD = [
     (["--limit", "100", "--batch-size", "128"], "--limit"), (["--device", "tpu"], "--device"),
     (["--device", "cuda"], "--device"), (["--tsne-points", "5"], "--tsne-points"),
     (["--tsne-points", "20000"], "--tsne-points"), (["--epochs", "three"], "--epochs"),
-    (["--iw-samples", "0"], "--iw-samples"), (["--kmeans-seeds", "1"], "--kmeans-seeds"), (["--cycle-ratio", "0"], "--cycle-ratio"),
+    (["--iw-samples", "1"], "--iw-samples"), (["--kmeans-seeds", "1"], "--kmeans-seeds"), (["--cycle-ratio", "0"], "--cycle-ratio"),
     (["--lr", "inf"], "--lr"), (["--beta-max", "nan"], "--beta-max"), (["--seed", "-1"], "--seed"),
     (["--beta-sweep", "1", "--resume"], "--beta-sweep"), (["--resume", "--analyze-only", "x.pt"], "--analyze-only"),
     (["--analyze-only", "missing.pt"], "--analyze-only"),

@@ -386,7 +386,7 @@ def test_traversal_effects_name_the_factor_each_dimension_moves():
     assert measures.atlas_label(effects[1]) == "z0: thickness -2.7 sd"
 
 
-def test_the_factor_report_scores_the_first_test_images_and_reads_drawn_traversals(mnist_dir):
+def test_the_factor_report_scores_the_first_test_images_and_reads_drawn_traversals(mnist_dir, monkeypatch):
     n = 300
     images = data.read_idx(data.raw_dir(mnist_dir, "mnist") / "t10k-images-idx3-ubyte")[:n]
     torch.manual_seed(0)
@@ -398,8 +398,11 @@ def test_the_factor_report_scores_the_first_test_images_and_reads_drawn_traversa
     sheared = [sheared_bar(0.15 * v) for v in values]
     dead = [capsule(14, 2.5, 0.3)] * 9  # the decoder ignores z0
     traversals = torch.tensor(np.array([[sheared], [dead]]), dtype=torch.float32).reshape(2, 1, 9, 784)
-    args = argparse.Namespace(data_dir=mnist_dir, dataset="mnist")
+    pools, pool = [], measures.cf.ThreadPoolExecutor  # --threads 1, as a grid member with as many workers as cores
+    monkeypatch.setattr(measures.cf, "ThreadPoolExecutor", lambda n: pools.append(n) or pool(n))
+    args = argparse.Namespace(data_dir=mnist_dir, dataset="mnist", threads=1)
     report = measures.factor_report(mu, traversals, [2, 0], values.tolist(), args)
+    assert pools == [1]
     json.dumps(report)
     factors = measures.test_set_morphometrics(mnist_dir, "mnist", n)  # from the cache the report itself filled
     assert factors.shape == (n, 6) and np.array_equal(factors[:20], measures.morphometrics(images[:20], workers=1))

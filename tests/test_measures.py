@@ -57,6 +57,19 @@ def test_iw_monte_carlo_error_matches_the_spread_over_seeds():
     assert predicted == pytest.approx(spread, rel=0.35)
 
 
+def test_iw_monte_carlo_variance_is_the_delta_method_with_the_unbiased_variance_of_the_weights():
+    m, x = one_d_model(), (torch.rand(5, 20, dtype=torch.float64) > 0.5).double()
+    k = 7
+    log_px, mc_var = measures.iw_log_likelihood(m, x, k, "bce", seed=4, chunk=k)  # chunk = k: one image per pass
+    gen = torch.Generator().manual_seed(4)  # the same draws again, image by image
+    for i in range(len(x)):
+        with torch.no_grad():
+            w = measures.iw_log_weights(m, x[i:i + 1], *m.encode(x[i:i + 1]), k, "bce", gen)[:, 0].exp().numpy()
+        assert log_px[i].item() == pytest.approx(math.log(w.mean()), abs=1e-9)
+        assert mc_var[i].item() == pytest.approx(w.var(ddof=1) / (k * w.mean() ** 2), rel=1e-6)  # Var(w) / (K E[w]^2)
+    assert measures.iw_log_likelihood(m, x, 1, "bce")[1].isnan().all()  # one weight: no spread to measure
+
+
 def test_test_set_error_is_the_std_over_images_divided_by_root_n():
     rng = np.random.default_rng(0)
     values = torch.from_numpy(rng.normal(100.0, 8.0, size=10000))
@@ -165,6 +178,15 @@ def test_the_three_terms_add_up_to_the_closed_form_kl(seed, d):
     r = measures.kl_decomposition(mu, logvar, seed=seed + 1)  # its own noise, not the draw that made mu
     assert r["mi"] + r["tc"] + r["dim_kl"] == pytest.approx(r["sum"], abs=1e-6)
     assert r["sum"] == pytest.approx(r["kl_closed_form"], abs=5 * r["sum_mc_se"])
+
+
+def test_the_sums_monte_carlo_error_matches_its_spread_over_draws_of_z():
+    # Broad posterior means vary KL_n from image to image: an error that counted that spread would be ~3.5x too large.
+    g = torch.Generator().manual_seed(5)
+    mu, logvar = torch.randn(400, 3, generator=g) * 3, torch.randn(400, 3, generator=g) * 0.3 - 1
+    runs = [measures.kl_decomposition(mu, logvar, seed=s) for s in range(100, 140)]  # not 5: eps would be mu / 3
+    spread = np.std([r["sum"] for r in runs], ddof=1)
+    assert np.mean([r["sum_mc_se"] for r in runs]) == pytest.approx(spread, rel=0.3)
 
 
 @settings(max_examples=8, deadline=None)

@@ -169,6 +169,17 @@ def test_readme_prose_quotes_the_committed_metrics_json():
     assert [q for q in quotes if q not in text] == []
 
 
+def test_hubconf_docstrings_quote_the_committed_metrics_json():
+    import hubconf  # a torch.hub user reads these numbers in help(), not in the README
+    m = json.loads((ROOT / "metrics.json").read_text())
+    assert f"Test -ELBO {errors(m, 'test_neg_elbo', 'test_neg_elbo')} nats" in hubconf.beta_vae.__doc__
+    for z in (50, 10):
+        b = json.loads((ROOT / "likelihood" / f"z{z}" / "metrics.json").read_text())
+        nll = f"{-b['test_iw_log_likelihood']:.2f} ± {b['test_iw_mc_se']:.2f} ± {b['test_iw_test_se']:.2f}"
+        assert f"test -ELBO {errors(b, 'test_neg_elbo', 'test_neg_elbo')}, IW test NLL at K = 5000: {nll}" in \
+            " ".join(hubconf.binarized_vae.__doc__.split())
+
+
 def test_headline_table_prints_a_null_measure_as_a_dash():
     m = json.loads((ROOT / "metrics.json").read_text())
     m["clustering"]["umap_gmm"], m["probes"], m["disentanglement"] = None, None, None  # as such a model writes them
