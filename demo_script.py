@@ -386,6 +386,8 @@ def stop_message(args, is_grid, terminated):
     what = "terminated (SIGTERM)" if terminated else "interrupted"
     if is_grid:
         return f"\n{what}; re-run the same command to continue the grid where it stopped\n"
+    if args.analyze_only:  # nothing to resume: the checkpoint analysed is unchanged
+        return f"\n{what}; re-run the same command to analyse {args.analyze_only} again\n"
     ckpt = Path(args.out_dir) / "checkpoint.pt"
     where = f"last complete checkpoint: {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
     return (f"\n{what}; {where}. Resume with: python demo_script.py --resume --out-dir {args.out_dir} "

@@ -95,14 +95,23 @@ def grid_members(args):
     return members
 
 
+# What a finished member measured with: averaging members measured on other test sets or seed counts would mix them.
+MEASURE_FIELDS = ("test_limit", "tsne_points", "iw_samples", "kmeans_seeds", "umap_seeds")
+
+
 def finished_metrics(sub, defaults):
-    """A member's metrics.json if it finished with this config, else None; CheckpointError if another run's.
-    defaults: the parser's, for the flags added after a member's metrics.json was written."""
-    path = Path(sub.out_dir) / "metrics.json"
-    if not path.is_file():
+    """A member's metrics.json if it finished with this config, else None; CheckpointError if its folder holds another
+    configuration's metrics.json or (stopped) checkpoint.pt. defaults: the parser's, for flags added since."""
+    path, checkpoint = Path(sub.out_dir) / "metrics.json", Path(sub.out_dir) / "checkpoint.pt"
+    if path.is_file():
+        metrics, fields = json.loads(path.read_text()), utils.RUN_FIELDS + MEASURE_FIELDS
+        saved = metrics["config"]
+    elif checkpoint.is_file():  # stopped: checked now, not when the pool reaches it after the others have trained
+        metrics, fields, path = None, utils.RUN_FIELDS, checkpoint
+        saved = utils.load_checkpoint(checkpoint)["config"]
+    else:
         return None
-    metrics = json.loads(path.read_text())
-    mismatch = utils.config_mismatch({**defaults, **metrics["config"]}, vars(sub), utils.RUN_FIELDS)
+    mismatch = utils.config_mismatch({**defaults, **saved}, vars(sub), fields, holder="it")
     if mismatch:
         raise utils.CheckpointError(f"{path}: {mismatch}; use another --out-dir")
     return metrics

@@ -311,7 +311,8 @@ def image_morphometrics(image):
 def morphometrics(images, workers=None):
     """images: (N, 28, 28) uint8 or [0, 1] -> (N, 6) float64 area, length, thickness, slant, width, height."""
     workers = workers or utils.usable_cores()
-    if workers == 1 or len(images) < IN_PROCESS_BELOW:
+    # A Dask nanny's worker process is a daemon, which may not start processes of its own
+    if workers == 1 or len(images) < IN_PROCESS_BELOW or multiprocessing.current_process().daemon:
         rows = [image_morphometrics(image) for image in images]
     else:  # spawn, not fork: a forked child of a process holding torch's or BLAS's threads can deadlock
         with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -378,12 +378,13 @@ RUN_FIELDS = ("dataset", "latent_dim", "hidden", "loss", "epochs", "batch_size",
               "seed", "binarize", "precision")
 
 
-def config_mismatch(saved, requested, fields):
-    """-> the first of `fields` whose value differs between two config dicts, as a message, or None."""
+def config_mismatch(saved, requested, fields, holder="checkpoint"):
+    """-> the first of `fields` whose value differs between two config dicts, as a message naming the saved config's
+    holder, or None."""
     for f in fields:
         a, b = saved.get(f), requested.get(f)
         if (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-            return f"checkpoint has {f}={a!r} but this run asks for {f}={b!r}"
+            return f"{holder} has {f}={a!r} but this run asks for {f}={b!r}"
     return None
 
 

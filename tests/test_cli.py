@@ -1,11 +1,13 @@
 """The real pipeline, run quickly: outputs, determinism, resume, NaN, bad flags, checkpoints (Ctrl-C:
 tests/test_faults.py, beside SIGTERM)."""
+import argparse
 import json
 import os
 
 import pytest
 import torch
 
+import demo_script
 import utils
 from conftest import QUICK, run_cli
 
@@ -172,6 +174,12 @@ def test_resume_with_a_different_model_names_the_field(tmp_path, quick_run, caps
     assert run_cli(QUICK + ["--epochs", "2", "--latent-dim", "4", "--resume", "--out-dir", tmp_path]) == 2
     assert "latent_dim" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
+
+
+def test_a_stopped_analysis_says_to_run_it_again_not_to_resume():
+    args = argparse.Namespace(analyze_only="runs/a/checkpoint.pt", out_dir="/tmp/b")
+    message = demo_script.stop_message(args, is_grid=False, terminated=True)
+    assert "re-run the same command to analyse runs/a/checkpoint.pt" in message and "--resume" not in message
 
 
 def test_checkpoint_loads_with_weights_only(quick_run):

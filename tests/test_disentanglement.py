@@ -110,6 +110,15 @@ def test_the_process_pool_gives_the_in_process_values(monkeypatch):
     assert pooled.shape == (1, 6) and np.array_equal(pooled[0], measures.image_morphometrics(images[0]))
 
 
+def test_a_daemon_process_measures_in_process(monkeypatch):
+    # A Dask nanny's workers are daemons, which may not start processes: a pool there raised AssertionError
+    monkeypatch.setattr(measures, "IN_PROCESS_BELOW", 0)
+    monkeypatch.setattr(measures.multiprocessing, "current_process", lambda: argparse.Namespace(daemon=True))
+    monkeypatch.setattr(measures.cf, "ProcessPoolExecutor", None)  # a pool would now fail: None is not callable
+    images = capsule(14, 2.5, 0.4)[None]
+    assert np.array_equal(measures.morphometrics(images, workers=2)[0], measures.image_morphometrics(images[0]))
+
+
 # ----------------------------------------------------------------------------- real MNIST against Castro et al.
 
 def test_mnist_training_image_0_matches_castros_released_values(mnist_dir):

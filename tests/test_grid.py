@@ -122,6 +122,21 @@ def test_train_seeds_alone_summarises_one_configuration(reference, tmp_path):
     assert not (tmp_path / "beta_sweep.txt").exists()
 
 
+def test_members_measured_or_stopped_with_other_flags_stop_the_grid_before_anything_trains(reference, tmp_path,
+                                                                                            capsys):
+    finished, stopped = tmp_path / "finished", tmp_path / "stopped"
+    copy_grid(reference, finished)  # measured on 500 test images: not to be averaged with members measured on 400
+    copy_grid(reference, stopped, drop=[("0.5", 1), ("0.5", 2), ("2", 1)], keep_checkpoint=[("2", 2)])
+    for out, flags, name in [(finished, ["--test-limit", "400"], "test_limit"), (stopped, ["--epochs", "3"], "epochs")]:
+        before = sorted(out.rglob("*"))
+        capsys.readouterr()
+        assert run_cli(GRID + flags + ["--out-dir", out]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"it has {name}=" in err and "another --out-dir" in err, err
+        assert ("metrics.json" if out == finished else "seed_2/checkpoint.pt") in err
+        assert sorted(out.rglob("*")) == before  # the stopped member is checked before the other three start
+
+
 def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(reference, tmp_path):
     # (0.5, 2) trains from scratch; (2, 1) has its final checkpoint but no metrics.json: it resumes, analysis only
     copy_grid(reference, tmp_path, drop=[("0.5", 2)], keep_checkpoint=[("2", 1)])
