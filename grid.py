@@ -9,6 +9,7 @@ import signal
 import statistics
 import sys
 import threading
+import time
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
@@ -48,7 +49,7 @@ PLOT_KEYS = {"recon": "test_recon", "kl": "test_kl", "acc": "kmeans_latent_acc",
 PLOT_OPTIONAL = ("mig", "sap", "dci_d")
 
 
-POOL_ATTEMPTS = 3  # a member whose pool process died is resumed in a fresh pool, this many times in all
+POOL_ATTEMPTS = 3  # a member whose pool process is killed while it runs is resumed in a fresh pool, this many times
 
 
 class GridError(RuntimeError):
@@ -202,16 +203,30 @@ def grid_executor(args):
     return pool_executor(args.workers) if args.workers else nullcontext(InlineExecutor())
 
 
+def killed_while_running(members, since):
+    """-> those members whose folder lock was taken at or after time `since` and is still there: their process was
+    killed while it ran them (a member that ends, or stops on a signal, removes its lock; a pool that breaks stops its
+    other processes with SIGTERM)."""
+    def left(m):
+        try:  # the lock file is written when taken; 0.05 s: file times lag time.time() by a clock tick
+            return (Path(m.out_dir) / data.LOCK_FILE).stat().st_mtime >= since - 0.05
+        except FileNotFoundError:
+            return False
+    return [m for m in members if left(m)]
+
+
 def run_members(members, args, run, defaults):
     """Every member through the executor -> ({name: metrics}, {name: one-line error}); a member that another command
-    holds is passed over, then waited for once the rest are done; a broken pool is replaced."""
+    holds is passed over, then waited for once the rest are done; a broken pool is replaced, and a member whose
+    process is killed POOL_ATTEMPTS times (out of memory, say) fails alone."""
     # Passing over held members lets two grid commands on one folder train different members side by side; waiting
     # on them in turn would have made the second command idle until the first had done the member it wanted.
-    results, errors, todo, wait, deaths = {}, {}, list(members), False, 0
-    while todo and deaths < POOL_ATTEMPTS:
+    results, errors, todo, wait, kills, blind = {}, {}, list(members), False, {}, 0
+    while todo and blind < POOL_ATTEMPTS:
         with grid_executor(args) as executor:
+            start = time.time()
             futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers), wait): m for m in todo}
-            todo, died = [], False
+            todo, broken = [], []
             for future in cf.as_completed(futures):
                 name = member_name(futures[future])
                 try:
@@ -220,14 +235,21 @@ def run_members(members, args, run, defaults):
                 except data.FolderBusy:
                     todo.append(futures[future])
                     print(f"{name}: another run holds it; it is waited for after the others", flush=True)
-                except cf.BrokenExecutor:  # its process died (killed, out of memory): resume it in a fresh pool
-                    todo.append(futures[future])
-                    died = True
+                except cf.BrokenExecutor:  # a pool process died, and with it every member the pool still held
+                    broken.append(futures[future])
                 except Exception as e:
                     errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                     print(f"{name}: failed: {errors[name]}", file=sys.stderr, flush=True)
-        deaths, wait = deaths + died, True
-    errors.update({member_name(m): f"its worker process died {POOL_ATTEMPTS} times" for m in todo})
+        killed = killed_while_running(broken, start)  # only these count: the rest merely shared the pool
+        for m in killed:
+            kills[member_name(m)] = kills.get(member_name(m), 0) + 1
+        for m in broken:  # resumed in a fresh pool
+            if kills.get(member_name(m), 0) < POOL_ATTEMPTS:
+                todo.append(m)
+            else:
+                errors[member_name(m)] = f"its process was killed {POOL_ATTEMPTS} times while it ran (out of memory?)"
+        blind, wait = blind + bool(broken and not killed), True  # broken with none running: the pool cannot start
+    errors.update({member_name(m): f"the process pool broke {POOL_ATTEMPTS} times before it ran" for m in todo})
     return results, errors
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import data
 import demo_script
 import utils
 from conftest import QUICK, run_cli
@@ -24,7 +25,8 @@ def table_without_seconds(path):
 @pytest.fixture(scope="module")
 def quick_run(mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    assert run_cli(QUICK + ["--epochs", "2", "--umap-seeds", "2", "--out-dir", out]) == 0
+    # bf16 on any CPU (emulated where it has no bf16 units): what --precision auto gives on this project's machine
+    assert run_cli(QUICK + ["--epochs", "2", "--umap-seeds", "2", "--precision", "bf16", "--out-dir", out]) == 0
     return out
 
 
@@ -67,7 +69,7 @@ def test_mse_run_reports_no_likelihood(mnist_dir, tmp_path, capsys):
 
 
 def test_same_seed_gives_identical_loss_txt(quick_run, tmp_path):
-    assert run_cli(QUICK + ["--epochs", "2", "--out-dir", tmp_path]) == 0
+    assert run_cli(QUICK + ["--epochs", "2", "--precision", "bf16", "--out-dir", tmp_path]) == 0
     assert table_without_seconds(tmp_path / "loss.txt") == table_without_seconds(quick_run / "loss.txt")
 
 
@@ -180,6 +182,21 @@ def test_a_stopped_analysis_says_to_run_it_again_not_to_resume():
     args = argparse.Namespace(analyze_only="runs/a/checkpoint.pt", out_dir="/tmp/b")
     message = demo_script.stop_message(args, is_grid=False, terminated=True)
     assert "re-run the same command to analyse runs/a/checkpoint.pt" in message and "--resume" not in message
+
+
+def test_a_bf16_run_records_it_evaluates_in_fp32_and_refuses_to_resume_in_fp32(quick_run, mnist_dir, tmp_path,
+                                                                               capsys):
+    m = json.loads((quick_run / "metrics.json").read_text())
+    model, state = demo_script.load_for_analysis(quick_run / "checkpoint.pt", "cpu")
+    assert m["config"]["precision"] == state["config"]["precision"] == "bf16"
+    # evaluation is fp32 whatever the training: the bf16-trained weights scored again outside any autocast
+    test_x = data.load_dataset(mnist_dir, "mnist")[2][:1000]
+    assert utils.evaluate(model, test_x, "bce", draws=10)["neg_elbo"] == m["test_neg_elbo"]
+    (tmp_path / "checkpoint.pt").write_bytes((quick_run / "checkpoint.pt").read_bytes())
+    assert run_cli(QUICK + ["--epochs", "2", "--precision", "fp32", "--resume", "--out-dir", tmp_path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "precision='bf16'" in err and "precision='fp32'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
 
 
 def test_checkpoint_loads_with_weights_only(quick_run):

@@ -1,15 +1,12 @@
-"""--precision: bf16 only on native hardware, autocast for the matrix products and fp32 for everything else, the
-precision recorded with the run, and --resume refusing another."""
+"""--precision: bf16 only on native hardware, autocast for the matrix products and fp32 for everything else (the run's
+record, fp32 evaluation and --resume's refusal: tests/test_cli.py, on its bf16 quick run)."""
 import argparse
-import json
 
 import pytest
 import torch
 
-import data
-import demo_script
 import utils
-from conftest import QUICK, run_cli, tiny_model
+from conftest import tiny_model
 
 
 def test_auto_picks_bf16_only_where_the_hardware_has_native_units(monkeypatch):
@@ -49,20 +46,3 @@ def test_bf16_autocasts_the_matrix_products_and_keeps_weights_gradients_and_adam
     assert dtypes == {torch.float32}
     # the same seeded epoch: bf16 rounds every product (so not equal), yet lands within 1% of fp32
     assert bf16["recon"] != fp32["recon"] and bf16["recon"] == pytest.approx(fp32["recon"], rel=0.01)
-
-
-def test_a_bf16_run_records_it_evaluates_in_fp32_and_refuses_to_resume_in_fp32(mnist_dir, tmp_path, capsys):
-    tiny = QUICK + ["--limit", "512", "--test-limit", "200", "--tsne-points", "100", "--iw-samples", "2"]
-    assert run_cli(tiny + ["--precision", "bf16", "--out-dir", tmp_path]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    model, state = demo_script.load_for_analysis(tmp_path / "checkpoint.pt", "cpu")
-    assert m["config"]["precision"] == state["config"]["precision"] == "bf16"
-    # evaluation is fp32 whatever the training: the bf16-trained weights scored again outside any autocast
-    test_x = data.load_dataset(mnist_dir, "mnist")[2][:200]
-    assert utils.evaluate(model, test_x, "bce", draws=10)["neg_elbo"] == m["test_neg_elbo"]
-    before = sorted(p.name for p in tmp_path.iterdir())
-    capsys.readouterr()
-    assert run_cli(tiny + ["--precision", "fp32", "--resume", "--out-dir", tmp_path]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "precision='bf16'" in err and "precision='fp32'" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
