@@ -247,7 +247,7 @@ def run_members(members, args, run, defaults):
             if kills.get(member_name(m), 0) < POOL_ATTEMPTS:
                 todo.append(m)
             else:
-                errors[member_name(m)] = f"its process was killed {POOL_ATTEMPTS} times while it ran (out of memory?)"
+                errors[member_name(m)] = f"its process was killed each time it ran ({POOL_ATTEMPTS}x; out of memory?)"
         blind, wait = blind + bool(broken and not killed), True  # broken with none running: the pool cannot start
     errors.update({member_name(m): f"the process pool broke {POOL_ATTEMPTS} times before it ran" for m in todo})
     return results, errors
