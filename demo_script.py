@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torchvision.utils import make_grid
 
 import data
 import grid
@@ -362,7 +361,7 @@ def log_epoch(writer, row, args, model, test_x):
         gen = torch.Generator(device=test_x.device).manual_seed(args.seed)  # its own generator: training's RNG untouched
         pairs = utils.reconstruction_pairs(test_x[:40], utils.reconstruct(model, test_x[:40]))
         for tag, images, nrow in [("digits/reconstructions", pairs, 10), ("digits/generated", model.sample(64, gen), 8)]:
-            writer.add_image(tag, make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, pad_value=1.0), epoch)
+            writer.add_image(tag, utils.digit_grid(images, nrow), epoch)
 
 
 def log_hparams(writer, config, metrics, step):

@@ -20,7 +20,6 @@ from scipy.stats import entropy, rankdata, spearmanr
 from skimage import measure, morphology, transform
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.metrics import mutual_info_score
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 import data
@@ -642,6 +641,7 @@ def print_summary(metrics, timings, title):
 
 def digit_png(pixels, scale=8):
     """pixels: (28, 28) in [0, 1] -> PNG bytes, each pixel a scale x scale block (sharp at any zoom)."""
+    from torchvision.utils import save_image  # here, not at the top: torchvision adds ~1.4 s to every start-up
     big = torch.as_tensor(pixels).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     buf = io.BytesIO()
     save_image(big[None], buf, format="png")

@@ -22,7 +22,6 @@ from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score, confusion_matrix, normalized_mutual_info_score
-from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 import data
@@ -620,9 +619,16 @@ def plot_confusion(y_true, y_pred, path, names):
     return save_figure(fig, path)
 
 
+def digit_grid(images, nrow):
+    """images: (N, 784) in [0, 1] -> (3, H, W) torchvision grid of 28 x 28 digits, nrow a row, 2 white pixels apart."""
+    from torchvision.utils import make_grid  # here, not at the top: torchvision adds ~1.4 s to every start-up
+    return make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+
+
 def image_grid(images, path, nrow):
-    """images: (N, 784) in [0, 1] -> saves a make_grid PNG and returns the (3, H, W) grid."""
-    grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    """images: (N, 784) in [0, 1] -> saves a digit_grid PNG and returns the (3, H, W) grid."""
+    from torchvision.utils import save_image
+    grid = digit_grid(images, nrow)
     data.atomic_save(path, lambda tmp: save_image(grid, tmp, format="png"))
     return grid
 
@@ -651,7 +657,7 @@ def plot_traversals(images, dims, kl, active, values, path, labels=None):
     """images: (len(dims), D, V, 784) -> one block of rows per dimension, labelled with its KL and, where labels
     {dim: text} has one, what it does (e.g. 'z4: slant +1.8 sd')."""
     n_dims, n_digits, n_vals, _ = images.shape
-    grid = make_grid(images.reshape(-1, 1, 28, 28).cpu(), nrow=n_vals, padding=2, pad_value=1.0)[0]
+    grid = digit_grid(images.reshape(-1, 784), n_vals)[0]
     fig = Figure(figsize=(n_vals * 0.55 + 1.6, n_dims * n_digits * 0.55))
     ax = fig.subplots()
     ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
