@@ -57,7 +57,8 @@ def build_parser():
     a("--cycle-ratio", type=float, default=0.5, help="cyclical: fraction R of a cycle spent rising (default: 0.5)")
     a("--gamma", type=float, default=1000.0, help="capacity: weight gamma on |KL - C| (default: 1000.0)")
     a("--capacity-max", type=float, default=25.0, help="capacity: final target KL C_max in nats (default: 25.0)")
-    a("--free-bits", type=float, default=0.5, help="free-bits floor per latent dimension, nats (default: 0.5)")
+    a("--free-bits", type=float, default=0.5,
+      help="free-bits floor per latent dimension, nats; capacity ignores it (default: 0.5)")
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     a("--lr-schedule", choices=["constant", "cosine"], default="cosine",
       help="learning-rate schedule over the run (default: cosine)")
@@ -195,8 +196,9 @@ def model_config(cfg):
 
 
 def schedule_curve(args):
-    """-> (epochs as floats, values) of the schedule actually used, sampled 20 times per epoch."""
-    ts = [i / 20 for i in range(20 * args.epochs + 1)]
+    """-> (epochs as floats, values) of the schedule the steps used, sampled 20 times per epoch; x = e is the start of
+    epoch e, where loss.txt's beta column reads it."""
+    ts = [i / 20 for i in range(20 * args.epochs)]  # not t = epochs: no step runs there (a cyclical run restarts at 0)
     if args.schedule == "capacity":
         return [1 + t for t in ts], [utils.get_capacity(t, args) for t in ts]
     return [1 + t for t in ts], [utils.get_beta(t, args) for t in ts]

@@ -225,6 +225,11 @@ def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule, flags, be
     assert all(r["total"] == pytest.approx(r["recon"] + r["kl"], abs=0.011) for r in rows)
     if schedule == "capacity":  # gamma * |KL - C| pins the rate near C(t) = 25 * t / 3, far below the free KL
         assert rows[-1]["kl"] < 20
+        return
+    # train_loss.png's dashed curve: at x = e the beta column, and nothing past the last step (where a cycle restarts)
+    x, curve = demo_script.schedule_curve(demo_script.parse_args(["--epochs", "3", "--schedule", schedule, *flags]))
+    assert [curve[x.index(r["epoch"])] for r in rows] == pytest.approx(betas, abs=1e-3)
+    assert x[-1] == pytest.approx(3.95) and curve[-1] == pytest.approx(betas[-1])
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
