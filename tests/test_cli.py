@@ -11,7 +11,7 @@ import torch
 import data
 import demo_script
 import utils
-from conftest import QUICK, run_cli
+from conftest import QUICK, ROOT, run_cli
 
 OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt"] + [
     f"samples/{f}.png" for f in ("train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean",
@@ -209,6 +209,24 @@ def test_a_bf16_run_records_it_evaluates_in_fp32_and_refuses_to_resume_in_fp32(q
     assert len(err.splitlines()) == 1 and "precision='bf16'" in err and "precision='fp32'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
 
+
+def test_resuming_the_committed_weights_only_checkpoint_exits_2_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes((ROOT / "checkpoint.pt").read_bytes())  # weights, config, history only
+    assert run_cli(["--resume", "--out-dir", tmp_path, "--data-dir", tmp_path / "data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no training state to resume from" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_exits_2_before_reading_data(tmp_path, capsys):
+    state = utils.load_checkpoint(ROOT / "checkpoint.pt")
+    state["config"]["latent_dim"] = 3  # as a hand-edited or mislabelled file would say
+    utils.save_checkpoint(tmp_path / "edited.pt", state)
+    argv = ["--analyze-only", tmp_path / "edited.pt", "--out-dir", tmp_path / "out", "--data-dir", tmp_path / "data"]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights do not fit the saved config" in err and "edited.pt" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out" / "metrics.json").exists()
 
 def test_checkpoint_loads_with_weights_only(quick_run):
     state = torch.load(quick_run / "checkpoint.pt", weights_only=True)

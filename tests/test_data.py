@@ -114,6 +114,22 @@ def test_all_sources_failing_gives_a_clear_error(tmp_path):
     assert "mirror A" in msg and "mirror B" in msg and "by hand" in msg and "train-images-idx3-ubyte" in msg
 
 
+def test_a_source_whose_files_fail_the_md5_is_named(tmp_path):
+    def garbage(data_dir, name):
+        folder = data.raw_dir(data_dir, name)
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in data.DATASETS[name]["md5"]:
+            (folder / f).write_bytes(b"not an IDX file")
+    with pytest.raises(data.DataError, match="garbage: files failed the md5 check"):
+        data.ensure_dataset(tmp_path, "mnist", sources=[("garbage", garbage)])
+
+
+def test_rebuilt_files_with_another_md5_are_refused_before_any_is_written(tmp_path):
+    files = {"a": b"first", "b": b"second"}
+    with pytest.raises(data.DataError, match="rebuilt b does not match the official md5"):
+        data.write_verified(tmp_path / "raw", files, {"a": hashlib.md5(b"first").hexdigest(), "b": "0" * 32})
+    assert not (tmp_path / "raw").exists()
+
 def test_unwritable_data_dir_gets_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
