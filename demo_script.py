@@ -62,7 +62,7 @@ def build_parser():
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     a("--lr-schedule", choices=["constant", "cosine"], default="cosine",
       help="learning-rate schedule over the run (default: cosine)")
-    a("--seed", type=int, default=20, help="random seed (default: 20)")
+    a("--seed", type=int, default=20, help="random seed: training, z draws, clustering, DCI's split (default: 20)")
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto",
       help="training precision; bf16 autocasts the network's matrix products, and evaluation and analysis stay fp32; "
            "auto: bf16 where the CPU (oneDNN) or GPU supports it, else fp32 (default: auto)")

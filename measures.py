@@ -477,10 +477,10 @@ def traversal_effects(dims, values, factors, test_std):
     # |rho| alone is 1 for any monotone series, however small; |change| alone favours a factor that moves far for one
     # digit and not for the others (which lowers its mean rho)
     score = np.abs(change * rho)
-    # area ~ length x thickness moves with either and names neither: it is named only when no other factor moves
+    # area ~ length x thickness moves with either and names neither: named only when the others all score 0
     averaged, area = np.array([FACTORS.index(name) for name in AVERAGED]), FACTORS.index("area")
     top = np.where(score[:, averaged].max(axis=1) > 0, averaged[np.argmax(score[:, averaged], axis=1)], area)
-    return [dict(dim=int(d), factor=FACTORS[j] if score[i, j] else None, rho=float(rho[i, j]),
+    return [dict(dim=int(d), factor=FACTORS[j] if score[i, j] else None, rho=float(rho[i, j]) if score[i, j] else 0.0,
                  effect_sd=float(change[i, j]) if score[i, j] else 0.0) for i, (d, j) in enumerate(zip(dims, top))]
 
 
@@ -497,7 +497,7 @@ def factor_report(mu, traversals, dims, values, args):
         raise ValueError("Morpho-MNIST's morphometrics describe handwritten digits, not this data set's images")
     # --threads caps the cores: in a grid of --workers members each gets its share, not every core
     factors = test_set_morphometrics(args.data_dir, args.dataset, len(mu), workers=args.threads)
-    report = disentanglement(mu, factors, len(mu) // 2, args.threads, args.seed)  # 5,000 / 5,000 of 10,000
+    report = disentanglement(mu, factors, len(mu) // 2, args.threads, args.seed)
     decoded = morphometrics(traversals.reshape(-1, 28, 28).cpu().numpy(), workers=1)
     report["atlas"] = traversal_effects(dims, values, decoded.reshape(*traversals.shape[:3], 6), factors.std(0))
     return report

@@ -111,8 +111,9 @@ BAD = [
     (["--beta-sweep", "1", "--resume"], "--beta-sweep"), (["--resume", "--analyze-only", "x.pt"], "--analyze-only"),
     (["--analyze-only", "missing.pt"], "--analyze-only"),
     (["--capacity-max", "-1"], "--capacity-max"), (["--gamma", "nan"], "--gamma"), (["--gamma", "2e6"], "--gamma"),
-    (["--cycles", "0"], "--cycles"), (["--test-limit", "99"], "--test-limit"), (["--test-limit", "10001"], "--test-limit"),
-    (["--iw-samples", "10001"], "--iw-samples"), (["--umap-seeds", "1"], "--umap-seeds"),
+    (["--cycles", "0"], "--cycles"), (["--test-limit", "99"], "--test-limit"),
+    (["--test-limit", "10001"], "--test-limit"), (["--iw-samples", "10001"], "--iw-samples"),
+    (["--umap-seeds", "1"], "--umap-seeds"),
     (["--seed", "4294967296"], "--seed"), (["--beta-sweep", "2e6"], "--beta-sweep"),
 ]
 
