@@ -16,8 +16,9 @@ import grid
 import utils
 from conftest import QUICK, ROOT, default_signals, run_cli, thread_limits_restored, wait_for
 
+# β from the first step: the βs train different models; a small network, since what is checked is the grid around it
 BASE = QUICK + ["--epochs", "2", "--warmup-epochs", "0", "--test-limit", "500", "--tsne-points", "300",
-                "--umap-seeds", "0"]  # β from the first step: the βs train different models
+                "--umap-seeds", "0", "--latent-dim", "4", "--hidden", "128", "64"]
 GRID = BASE + ["--beta-sweep", "0.5", "2", "--train-seeds", "1", "2"]
 MEMBERS = [(b, s) for b in ("0.5", "2") for s in (1, 2)]
 COLUMNS = {"Test Recon": "test_recon", "Test KL": "test_kl", "Test -ELBO": "test_neg_elbo",
