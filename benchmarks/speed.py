@@ -121,6 +121,13 @@ def macs(module):
     return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def train_flops(model):
+    """FLOP per training image: 2 per multiply-add forward, 4 backward (weight and input gradients), less the first
+    layer's input gradient, which no step computes (the images need none)."""
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * macs(model) - 2 * first.in_features * first.out_features
+
+
 # ----------------------------------------------------------------------------- rows 1-3: training
 def new_model(args):
     torch.manual_seed(args.seed)
@@ -194,6 +201,17 @@ def matmul_epoch(args, n, precision):
     return epoch
 
 
+# What each ratio divides runs back to back, in alternating order from round to round (ABBA): the pairs' neighbours.
+PAIRS = (("project", "project_bf16"), ("network_fp32", "network_bf16"), ("matmul_fp32", "matmul_bf16"), ("conv0",),
+         ("conv1",))
+
+
+def round_order(r):
+    """-> the contenders of round r: the PAIRS in a shuffled order (no pair always follows the same one), each pair
+    back to back, fp32 first in even rounds and last in odd ones, so that neither always runs on a warmer machine."""
+    return [k for pair in random.Random(r).sample(PAIRS, len(PAIRS)) for k in (pair if r % 2 == 0 else pair[::-1])]
+
+
 def run_training(args, opts, train_x):
     """Round-robin epochs after an untimed warm-up, each between two ceiling samples (bf16's in bf16), so that a
     share of the ceiling compares the same minute of a drifting VM -> (times, {precision: ceilings}, fp32 model)."""
@@ -207,7 +225,7 @@ def run_training(args, opts, train_x):
         fn(1)
     times, ceilings = {k: [] for k in contenders}, {"project": [], "project_bf16": []}
     for r in range(opts.reps):
-        for k in random.Random(r).sample(list(contenders), len(contenders)):  # nobody always follows the same one
+        for k in round_order(r):
             dtype = torch.bfloat16 if k == "project_bf16" else torch.float32
             sample, _, ceiling = with_ceiling(contenders[k], 2 + r, dtype=dtype)  # the project's ceilings are used
             times[k].append(sample)
@@ -231,7 +249,7 @@ def training_rows(times, ceilings, n, fpi, bs):
         rows += [("2", f"project `utils.train_epoch`, batch {bs}, `--precision {precision}`", f"{proj:.2f} s/epoch",
                   proj_spread, f"{n} images/epoch ({n / proj:,.0f}/s), preloaded tensors; {speedup}{proj_note}"),
                  ("2", "… achieved GFLOP/s (% of its ceiling)", f"{gflops:.1f} (**{100 * share:.0f}%**)", gf_spread,
-                  f"{fpi / 1e6:.2f} MFLOP/image = 6 × multiply-adds of the Linear layers; % = median per-round ratio")]
+                  f"{fpi / 1e6:.2f} MFLOP/image (`train_flops`); % = median per-round ratio")]
     for part, what, meaning in (
             ("network", "the network alone: forward, backward, fused Adam; no loss terms", "the most the project step "
              "could gain were its loss terms, gradient norm and bookkeeping free"),
@@ -336,7 +354,7 @@ def main(argv=None):
     if "train" in opts.only:
         print(f"section train: {opts.reps} interleaved rounds after a warm-up epoch", flush=True)
         times, ceilings, model = run_training(args, opts, train_x)
-        rows += training_rows(times, ceilings, train_x.shape[0], 6 * macs(model), args.batch_size)
+        rows += training_rows(times, ceilings, train_x.shape[0], train_flops(model), args.batch_size)
         source = f"the project model trained {opts.reps + 1} epochs above (default schedules)"
     if opts.checkpoint:
         state = utils.load_checkpoint(opts.checkpoint)
