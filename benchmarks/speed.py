@@ -201,7 +201,7 @@ def matmul_epoch(args, n, precision):
     return epoch
 
 
-# What each ratio divides runs back to back, in alternating order from round to round (ABBA): the pairs' neighbours.
+# The two contenders of each ratio run back to back, their order alternating from round to round (ABBA).
 PAIRS = (("project", "project_bf16"), ("network_fp32", "network_bf16"), ("matmul_fp32", "matmul_bf16"), ("conv0",),
          ("conv1",))
 
