@@ -205,8 +205,11 @@ def folder_lock(folder, wait=False):
         folder.mkdir(parents=True, exist_ok=True)
         fd = locked_descriptor(folder / LOCK_FILE, wait)
         try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as e:  # a full disk: named like every other failed write, not "No space left on device: "
+                raise OSError(e.errno, e.strerror, str(folder / LOCK_FILE)) from None
             yield
         finally:
             (folder / LOCK_FILE).unlink(missing_ok=True)  # still held: a process waiting on this file sees it gone and re-opens

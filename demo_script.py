@@ -69,12 +69,14 @@ def build_parser():
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
-    a("--out-dir", default=".", help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: .)")
+    a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., and "
+                                      "the checkpoint's own folder with --analyze-only)")
     a("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     a("--binarize", action="store_true", help="dynamically binarized MNIST (Burda et al. 2016): each training batch "
                                               "re-sampled as Bernoulli(x), one fixed binary test set (default: off)")
     a("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images only (default: all)")
-    a("--tsne-points", type=int, default=10000, help="t-SNE on the first N test images (default: 10000)")
+    a("--tsne-points", type=int, default=None,
+      help="t-SNE on the first N test images (default: 10000, or --test-limit when smaller)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x), at least 2 (default: 100)")
     a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
     a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s of one core each, side by side "
@@ -135,7 +137,7 @@ def invalid_flag(args):
         (args.lr > 0, "--lr must be > 0"), (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
         (args.cycles >= 1, "--cycles must be >= 1"), (0 < args.cycle_ratio <= 1, "--cycle-ratio must be in (0, 1]"),
         (args.limit is None or args.batch_size <= args.limit <= n_train,
-         f"--limit must be between --batch-size ({args.batch_size}) and {n_train}"),
+         f"--limit ({args.limit}) must be between --batch-size ({args.batch_size}) and {n_train}"),
         (args.test_limit is None or 100 <= args.test_limit <= n_test, f"--test-limit must be between 100 and {n_test}"),
         (100 <= args.tsne_points <= (args.test_limit or n_test),
          f"--tsne-points must be between 100 and --test-limit ({args.test_limit or n_test})"),
@@ -182,6 +184,9 @@ def parse_args(argv=None):
     if args.quick:  # the quick sizes become the defaults, so that a flag given explicitly still wins
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
+    # Defaults that follow other flags: analysing another run's checkpoint never overwrites the reference run in .
+    args.out_dir = args.out_dir or (str(Path(args.analyze_only).parent) if args.analyze_only else ".")
+    args.tsne_points = args.tsne_points or min(10000, args.test_limit or 10000)
     msg = invalid_flag(args)
     if msg:
         parser.error(msg)
@@ -216,6 +221,7 @@ def train(args, model, opt, train_x, test_x, out, history, start_epoch, writer=N
                             test_neg_elbo=test["neg_elbo"], seconds=time.time() - t0))
         if writer:  # before the checkpoint: a resumed run purges what a killed one logged past its last checkpoint
             log_epoch(writer, history[-1], args, model, test_x)
+            writer.flush()  # not left to its writer thread: a run SIGKILLed after its checkpoint would lose the epoch
         # loss.txt and checkpoint.pt describe the same epoch; the checkpoint first, so that a failed write (a full
         # disk) leaves no loss.txt row that --resume would not continue from
         with data.interrupts_deferred():
@@ -382,23 +388,26 @@ def log_hparams(writer, config, metrics, step):
         writer.add_scalar(f"hparams/{k}", v, step)
 
 
-def stop_message(args, is_grid, terminated):
-    """-> what stopping on Ctrl-C or SIGTERM prints: where the run stands, and the command that continues it."""
+def stop_message(args, is_grid, terminated, started):
+    """-> what stopping on Ctrl-C or SIGTERM prints: where the run stands, and the command that continues it.
+    started: the run's time.time() at its start."""
     what = "terminated (SIGTERM)" if terminated else "interrupted"
     if is_grid:
         return f"\n{what}; re-run the same command to continue the grid where it stopped\n"
     if args.analyze_only:  # nothing to resume: the checkpoint analysed is unchanged
         return f"\n{what}; re-run the same command to analyse {args.analyze_only} again\n"
     ckpt = Path(args.out_dir) / "checkpoint.pt"
-    where = f"last complete checkpoint: {ckpt}" if ckpt.is_file() else "no checkpoint was written yet"
-    return (f"\n{what}; {where}. Resume with: python demo_script.py --resume --out-dir {args.out_dir} "
-            "(plus the same flags)\n")
+    # a new run's own checkpoint only: one left in the folder by an earlier run is not where this one stands
+    if ckpt.is_file() and (args.resume or ckpt.stat().st_mtime >= started):
+        return (f"\n{what}; last complete checkpoint: {ckpt}. Resume with: python demo_script.py --resume "
+                f"--out-dir {args.out_dir} (plus the same flags)\n")
+    return f"\n{what} before its first checkpoint; re-run the same command to start again\n"
 
 
 def main(argv=None):
     """Entry point: a bad flag or a folder another run holds exits 2, a NaN or a failed write 1, Ctrl-C 130 and
     SIGTERM 143 with the command that resumes; no tracebacks."""
-    args = parse_args(argv)
+    args, started = parse_args(argv), time.time()
     args.threads, is_grid = grid.thread_count(args), bool(args.beta_sweep or args.train_seeds)
     try:
         with data.sigterm_raises():
@@ -410,7 +419,7 @@ def main(argv=None):
                 return run(args)
     except KeyboardInterrupt as e:  # SIGTERM too: data.Terminated is one
         terminated = isinstance(e, data.Terminated)
-        sys.stderr.write(stop_message(args, is_grid, terminated))
+        sys.stderr.write(stop_message(args, is_grid, terminated, started))
         sys.exit(143 if terminated else 130)
     except (data.FolderBusy, utils.CheckpointError, data.DataError) as e:
         sys.stderr.write(f"demo_script.py: error: {e}\n")

@@ -105,8 +105,12 @@ def finished_metrics(sub, defaults):
     configuration's metrics.json or (stopped) checkpoint.pt. defaults: the parser's, for flags added since."""
     path, checkpoint = Path(sub.out_dir) / "metrics.json", Path(sub.out_dir) / "checkpoint.pt"
     if path.is_file():
-        metrics, fields = json.loads(path.read_text()), utils.RUN_FIELDS + MEASURE_FIELDS
-        saved = metrics["config"]
+        try:  # a copy cut short, a hand edit: named in one line, not a traceback
+            metrics, fields = json.loads(path.read_text()), utils.RUN_FIELDS + MEASURE_FIELDS
+            saved = dict(metrics["config"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise utils.CheckpointError(f"{path} is damaged or not this project's ({type(e).__name__}); delete it "
+                                        "and the grid measures that member again") from None
     elif checkpoint.is_file():  # stopped: checked now, not when the pool reaches it after the others have trained
         metrics, fields, path = None, utils.RUN_FIELDS, checkpoint
         saved = utils.load_checkpoint(checkpoint)["config"]
@@ -204,13 +208,19 @@ def grid_executor(args):
 
 
 def killed_while_running(members, since):
-    """-> those members whose folder lock was taken at or after time `since` and is still there: their process was
-    killed while it ran them (a member that ends, or stops on a signal, removes its lock; a pool that breaks stops its
-    other processes with SIGTERM)."""
+    """-> those members whose folder lock was taken at or after time `since` and is still there, held by no one: their
+    process was killed while it ran them (a member that ends, or stops on a signal, removes its lock; a pool that
+    breaks stops its other processes with SIGTERM)."""
     def left(m):
+        path = Path(m.out_dir) / data.LOCK_FILE
         try:  # the lock file is written when taken; 0.05 s: file times lag time.time() by a clock tick
-            return (Path(m.out_dir) / data.LOCK_FILE).stat().st_mtime >= since - 0.05
+            if path.stat().st_mtime < since - 0.05:
+                return False
+            os.close(data.locked_descriptor(path, wait=False))  # a dead holder's flock is gone; the probe lets go
+            return True
         except FileNotFoundError:
+            return False
+        except data.FolderBusy:  # another command's live run, which this member was waiting for: not killed
             return False
     return [m for m in members if left(m)]
 
@@ -223,6 +233,7 @@ def run_members(members, args, run, defaults):
     # on them in turn would have made the second command idle until the first had done the member it wanted.
     results, errors, todo, wait, kills, blind = {}, {}, list(members), False, {}, 0
     while todo and blind < POOL_ATTEMPTS:
+        finished = len(results)
         with grid_executor(args) as executor:
             start = time.time()
             futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers), wait): m for m in todo}
@@ -247,8 +258,11 @@ def run_members(members, args, run, defaults):
             if kills.get(member_name(m), 0) < POOL_ATTEMPTS:
                 todo.append(m)
             else:
-                errors[member_name(m)] = f"its process was killed each time it ran ({POOL_ATTEMPTS}x; out of memory?)"
-        blind, wait = blind + bool(broken and not killed), True  # broken with none running: the pool cannot start
+                errors[member_name(m)] = (f"its process was killed each time it ran ({kills[member_name(m)]}x; "
+                                          "out of memory?)")
+        # broken with none running: the pool cannot start, unless members still finish in it
+        blind = 0 if len(results) > finished else blind + bool(broken and not killed)
+        wait = True
     errors.update({member_name(m): f"the process pool broke {POOL_ATTEMPTS} times before it ran" for m in todo})
     return results, errors
 
@@ -349,6 +363,17 @@ def write_grid_outputs(args, summaries):
     print("\n" + table(summaries), end="")
 
 
+def write_grid_outputs_locked(args, summaries):
+    """write_grid_outputs as OUT_DIR's one writer: after a run there, or another grid's tables, has finished."""
+    try:
+        with data.folder_lock(args.out_dir):
+            return write_grid_outputs(args, summaries)
+    except data.FolderBusy:
+        print(f"another run holds {args.out_dir}; the grid's tables are written when it ends", flush=True)
+    with data.folder_lock(args.out_dir, wait=True):
+        return write_grid_outputs(args, summaries)
+
+
 def grid(args, run, defaults):
     """The β × training-seed grid: every unfinished member through run(member) on the executor, then its tables ->
     summaries. run must be importable by module name (a worker unpickles it); defaults: the parser's defaults."""
@@ -362,7 +387,7 @@ def grid(args, run, defaults):
             todo.append(m)
     new, errors = run_members(todo, args, run, defaults) if todo else ({}, {})
     summaries = beta_summaries(members, {**results, **new}, errors)
-    write_grid_outputs(args, summaries)
+    write_grid_outputs_locked(args, summaries)
     if errors:
         raise GridError(f"{len(errors)} of {len(members)} models failed (named above); the same command retries them")
     return summaries

@@ -3,23 +3,36 @@
     m = torch.hub.load(".", "beta_vae", source="local")   # from a clone of the repo
     m = torch.hub.load("OWNER/REPO", "beta_vae")          # from GitHub; torch.hub.help("OWNER/REPO", "beta_vae")
 """
-from pathlib import Path
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path  # names torch.hub.list would show as entry points stay private
 
 import torch
 
-from model import BetaVAE, VAEConfig  # model.py imports only torch; utils.py would pull in sklearn and matplotlib
-
 dependencies = ["torch"]
 
-HERE = Path(__file__).resolve().parent
+HERE = _Path(__file__).resolve().parent
+
+
+def _network():
+    """-> this repo's model.py as a module (it imports only torch; utils.py would pull in sklearn and matplotlib)."""
+    # Loaded by path under a name of its own: `import model` would find a user's model.py, or another hub repo's,
+    # already in sys.modules, and would leave ours there to shadow theirs.
+    name = "beta_vae_mnist_model"
+    if name not in _sys.modules:
+        spec = _importlib_util.spec_from_file_location(name, HERE / "model.py")
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules[name] = module  # before running it: @dataclass looks its module up there
+        spec.loader.exec_module(module)
+    return _sys.modules[name]
 
 
 def _load(checkpoint, pretrained):
     """Committed checkpoint (relative to this folder) -> its BetaVAE in eval mode, untrained if not pretrained."""
     # weights_only: the slim checkpoints hold tensors and plain containers only, so nothing else gets unpickled.
     state = torch.load(HERE / checkpoint, map_location="cpu", weights_only=True)
-    cfg = state["config"]  # the run's argparse dict
-    model = BetaVAE(VAEConfig(hidden=tuple(cfg["hidden"]), latent_dim=cfg["latent_dim"]))
+    cfg, network = state["config"], _network()  # the run's argparse dict
+    model = network.BetaVAE(network.VAEConfig(hidden=tuple(cfg["hidden"]), latent_dim=cfg["latent_dim"]))
     if pretrained:
         model.load_state_dict(state["model"])
     return model.eval()

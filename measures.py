@@ -216,7 +216,7 @@ def probe_accuracies(train_mu, train_y, test_mu, test_y, sizes=(100, 1000), draw
 FACTORS = ("area", "length", "thickness", "slant", "width", "height")
 SCALE = 4  # Castro et al. measure on a 4x upscaled image and report in the original pixels
 TRIM = 0.01  # mass trimmed from each side of the bounding parallelogram (their bound_frac = 0.02, two-sided)
-MORPHO_VERSION = 1  # of the definitions below: raise it when they change, and every cache is measured again
+MORPHO_VERSION = 2  # of the definitions below: raise it when they change, and every cache is measured again
 IN_PROCESS_BELOW = 2000  # fewer images are measured in-process: spawned workers take seconds to import torch
 # 8-neighbour steps, each skeleton pixel pair counted once: right, down, down-right, down-left
 HALF_NEIGHBOURHOOD = ((0, 1, 1.0), (1, 0, 1.0), (1, 1, math.sqrt(2)), (1, -1, math.sqrt(2)))
@@ -257,7 +257,8 @@ def upscaled(image):
     image = np.asarray(image)
     x = image / 255.0 if image.dtype == np.uint8 else image.astype(np.float64)
     up = transform.pyramid_expand(x, upscale=SCALE, order=3, channel_axis=None)
-    return np.rint(np.clip(up, 0.0, 1.0) * 255).astype(np.uint8)
+    # truncated, not rounded, as Castro et al.'s (255. * up_img).astype(uint8); rounding grew the binarised digit
+    return (np.clip(up, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def skeleton_length(skeleton):

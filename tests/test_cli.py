@@ -3,6 +3,7 @@ tests/test_faults.py, beside SIGTERM)."""
 import argparse
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -88,6 +89,18 @@ def test_analyze_only_rebuilds_figures_from_a_checkpoint(quick_run, tmp_path):
     b = json.loads((quick_run / "metrics.json").read_text())
     assert a["test_neg_elbo"] == pytest.approx(b["test_neg_elbo"], abs=1e-4)
     assert (tmp_path / "samples" / "traversals.png").is_file() and not (tmp_path / "loss.txt").exists()
+
+
+def test_defaults_that_follow_other_flags(tmp_path):
+    parse = lambda *flags: demo_script.parse_args([str(f) for f in flags])
+    assert parse("--out-dir", tmp_path).tsne_points == 10000 and parse().out_dir == "."
+    assert parse("--test-limit", 5000, "--out-dir", tmp_path).tsne_points == 5000  # not an error about a default
+    assert parse("--test-limit", 5000, "--tsne-points", 300, "--out-dir", tmp_path).tsne_points == 300
+    ckpt = tmp_path / "runs" / "a" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    assert parse("--analyze-only", ckpt).out_dir == str(ckpt.parent)  # never . , the reference run's folder
+    assert parse("--analyze-only", ckpt, "--out-dir", tmp_path / "b").out_dir == str(tmp_path / "b")
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
@@ -192,8 +205,22 @@ def test_resume_with_a_different_model_names_the_field(tmp_path, quick_run, caps
 
 def test_a_stopped_analysis_says_to_run_it_again_not_to_resume():
     args = argparse.Namespace(analyze_only="runs/a/checkpoint.pt", out_dir="/tmp/b")
-    message = demo_script.stop_message(args, is_grid=False, terminated=True)
+    message = demo_script.stop_message(args, is_grid=False, terminated=True, started=0.0)
     assert "re-run the same command to analyse runs/a/checkpoint.pt" in message and "--resume" not in message
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_told_to_resume(tmp_path):
+    args = argparse.Namespace(analyze_only=None, resume=False, out_dir=str(tmp_path))
+    stopped = lambda: demo_script.stop_message(args, is_grid=False, terminated=False, started=started)
+    started = time.time()
+    assert "--resume" not in stopped() and "re-run the same command" in stopped()  # no checkpoint
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    started = time.time() + 60  # an earlier run's checkpoint, left in the folder: resuming would continue that run
+    assert "--resume" not in stopped()
+    started = time.time() - 60  # written by this run
+    assert f"--resume --out-dir {tmp_path}" in stopped()
+    args.resume, started = True, time.time() + 60  # a resumed run stopped before its next checkpoint
+    assert "--resume" in stopped()
 
 
 def test_a_bf16_run_records_it_evaluates_in_fp32_and_refuses_to_resume_in_fp32(quick_run, mnist_dir, tmp_path,

@@ -126,14 +126,15 @@ def test_mnist_training_image_0_matches_castros_released_values(mnist_dir):
     m = measured(data.read_idx(data.raw_dir(mnist_dir, "mnist") / "train-images-idx3-ubyte")[0])
     for name in ("area", "slant", "width", "height"):
         assert m[name] == pytest.approx(CASTRO_TRAIN_0[name], rel=0.01), name
-    # the skeleton depends on medial_axis' random tie-breaking, which Castro et al. did not seed
+    # the skeleton, on which length and thickness rest, changes with skimage's version: their values came from an
+    # older one (its upscale and medial axis differ in detail), and no version at hand reproduces them exactly
     for name in ("length", "thickness"):
         assert m[name] == pytest.approx(CASTRO_TRAIN_0[name], rel=0.06), name
 
 
 def naive_morphometrics(image):
     """(28, 28) uint8 -> (6,) the same definitions, by explicit loops over pixels (skimage's upscale, medial axis)."""
-    grey = np.rint(np.clip(transform.pyramid_expand(image / 255.0, 4, order=3, channel_axis=None), 0, 1) * 255)
+    grey = (255.0 * transform.pyramid_expand(image / 255.0, 4, order=3, channel_axis=None)).astype(np.uint8)  # truncated
     binary = grey >= grey.min() + 0.5 * (grey.max() - grey.min())
     skeleton, distance = morphology.medial_axis(binary, return_distance=True, rng=0)
     length = 0.0

@@ -242,6 +242,17 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_finishes_once_space_is
         assert table_without_seconds(cut / "loss.txt") == table_without_seconds(reference / "loss.txt")
 
 
+def test_a_full_disk_at_the_lock_file_names_it(tmp_path, monkeypatch, capsys):
+    def full_disk(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what os.write raises: no file name
+
+    monkeypatch.setattr(os, "write", full_disk)
+    assert run_here(RUN + ["--out-dir", tmp_path / "run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"demo_script.py: error: No space left on device: {tmp_path / 'run' / data.LOCK_FILE}"
+    assert not (tmp_path / "run").exists()  # the folder made for the lock is gone again
+
+
 def test_a_figure_that_cannot_be_written_leaves_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "f.png"
     utils.save_figure(Figure(), path)

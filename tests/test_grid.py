@@ -6,6 +6,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +117,22 @@ def test_rerunning_a_finished_grid_trains_nothing(reference, capsys):
     assert table(reference) == before
 
 
+# Holds a folder's lock for 3 s, as a run writing there would, then prints when it let go.
+HOLD = ("import sys, time, data\nwith data.folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(3)\n"
+        "print(time.time(), flush=True)\n")
+
+
+def test_the_tables_wait_for_a_run_that_holds_the_grids_folder(reference, tmp_path, capsys):
+    copy_grid(reference, tmp_path)  # finished members: the grid only reads them and writes its tables
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, tmp_path], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    assert run_cli(GRID + ["--out-dir", tmp_path]) == 0
+    returned = time.time()
+    assert float(holder.stdout.readline()) <= returned  # the tables waited for the holder to let go
+    holder.wait(timeout=60)
+    assert "another run holds" in capsys.readouterr().out and table(tmp_path) == table(reference)
+
+
 def test_train_seeds_alone_summarises_one_configuration(reference, tmp_path):
     copy_grid(reference, tmp_path)
     assert run_cli(BASE + ["--beta-max", "0.5", "--train-seeds", "1", "2", "--out-dir", tmp_path]) == 0
@@ -137,6 +155,10 @@ def test_members_measured_or_stopped_with_other_flags_stop_the_grid_before_anyth
         assert len(err.splitlines()) == 1 and f"it has {name}=" in err and "another --out-dir" in err, err
         assert ("metrics.json" if out == finished else "seed_2/checkpoint.pt") in err
         assert sorted(out.rglob("*")) == before  # the stopped member is checked before the other three start
+    (member(finished, "2", 2) / "metrics.json").write_text('{"test_kl": 3')  # cut short
+    assert run_cli(GRID + ["--out-dir", finished]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "seed_2/metrics.json is damaged" in err and "Traceback" not in err, err
 
 
 def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(reference, tmp_path):
@@ -166,20 +188,39 @@ def run_or_be_killed(sub):
     """A member's run for the pool test, by module name in a pool process: β = 0.5, seed 1 dies of SIGKILL, as from
     the out-of-memory killer, every time it runs; the others return a stub of their metrics at once."""
     if (sub.beta_max, sub.seed) == (0.5, 1):
+        with open(os.path.join(sub.out_dir, "attempts"), "a") as f:
+            f.write("ran\n")
         os.kill(os.getpid(), signal.SIGKILL)
     return {"beta": sub.beta_max, "seed": sub.seed}
 
 
 def test_a_member_killed_each_time_it_runs_fails_alone_and_the_others_finish(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(grid, "POOL_ATTEMPTS", 1)  # read in this process only: two pools, not four
+    monkeypatch.setattr(grid, "POOL_ATTEMPTS", 2)  # read in this process only: three pools, not four
     # One worker, the killed member first: the pool breaks with the three others still queued, and they are neither
     # charged nor given up, but run in a second pool.
     args = demo_script.parse_args([str(a) for a in GRID + ["--workers", "1", "--out-dir", tmp_path]])
     args.threads = grid.thread_count(args)
     results, errors = grid.run_members(grid.grid_members(args), args, run_or_be_killed, demo_script.with_defaults({}))
     assert sorted((r["beta"], r["seed"]) for r in results.values()) == [(0.5, 2), (2, 1), (2, 2)]
-    assert errors == {"beta=0.5 seed=1": "its process was killed each time it ran (1x; out of memory?)"}
+    assert errors == {"beta=0.5 seed=1": "its process was killed each time it ran (2x; out of memory?)"}
+    assert (member(tmp_path, "0.5", 1) / "attempts").read_text() == "ran\n" * 2  # POOL_ATTEMPTS times, not more
     assert capsys.readouterr().out.count(": done (") == 3
+
+
+def test_only_a_lock_its_holder_left_behind_counts_as_killed(tmp_path):
+    args = demo_script.parse_args([str(a) for a in GRID + ["--out-dir", tmp_path]])
+    members = {grid.member_name(m): m for m in grid.grid_members(args)}
+    since = time.time()
+    for name in ("beta=0.5 seed=1", "beta=0.5 seed=2", "beta=2 seed=1"):
+        Path(members[name].out_dir).mkdir(parents=True)
+        (Path(members[name].out_dir) / data.LOCK_FILE).write_text("4242\n")  # left by a process that died
+    os.utime(Path(members["beta=2 seed=1"].out_dir) / data.LOCK_FILE, (since - 60, since - 60))  # before this pool
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, members["beta=0.5 seed=2"].out_dir], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)  # another command's live run holds this one
+    assert holder.stdout.readline() == "held\n"
+    killed = grid.killed_while_running(list(members.values()), since)  # beta=2 seed=2: no lock at all
+    assert [grid.member_name(m) for m in killed] == ["beta=0.5 seed=1"]
+    holder.wait(timeout=60)
 
 
 def test_two_grid_commands_on_one_folder_both_finish_and_train_each_member_once(reference, tmp_path):

@@ -9,6 +9,10 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+from scipy.stats import f as f_dist
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -214,16 +218,32 @@ def test_readme_beta_study_is_the_committed_beta_sweep():
 
 
 def test_beta_study_answer_is_the_committed_sweep():
-    runs = beta_study.study_runs(SWEEP)
+    runs, seeds = beta_study.study_runs(SWEEP)
     assert [len(r) for r in runs.values()] == [5] * 6  # 6 βs × 5 seeds, every run with its disentanglement block
+    assert all(s == [20, 21, 22, 23, 24] for s in seeds.values())  # crossed: the two-way split applies
     bench = (ROOT / "benchmarks" / "README.md").read_text()
-    assert beta_study.metric_table(runs) in bench and beta_study.factor_table(runs) in bench
+    assert beta_study.metric_table(runs, seeds) in bench and beta_study.factor_table(runs) in bench
 
 
-def test_eta_squared_known_answers():
-    assert beta_study.eta_squared([[1.0, 1.0], [3.0, 3.0]]) == 1  # all the spread is between the βs
-    assert beta_study.eta_squared([[1.0, 3.0], [1.0, 3.0]]) == 0  # all of it is between the seeds
-    assert abs(beta_study.eta_squared([[0.0, 2.0], [2.0, 4.0]]) - 0.5) < 1e-12  # between 2 of total 4
+def test_variance_shares_are_nested_least_squares_fits():
+    # the two-way split against its definition: what adding β's (or the seed's) indicator columns to a least-squares
+    # fit of the other explains, and the F test on it
+    table = np.random.default_rng(0).normal(size=(4, 3)) + 2.0 * np.arange(4)[:, None]  # a β effect planted
+    (b, n), y = table.shape, table.ravel()
+    beta_cols, seed_cols = np.kron(np.eye(b), np.ones((n, 1))), np.kron(np.ones((b, 1)), np.eye(n))
+
+    def rss(*cols):
+        x = np.hstack(cols)
+        r = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        return r @ r
+
+    full, total, df = rss(beta_cols, seed_cols), rss(np.ones((b * n, 1))), (b - 1) * (n - 1)
+    explained = {"beta": rss(seed_cols) - full, "seed": rss(beta_cols) - full}
+    p = {k: f_dist.sf(v / d / (full / df), d, df) for k, v, d in zip(explained, explained.values(), (b - 1, n - 1))}
+    eta, omega, p_beta, seed_eta, p_seed = beta_study.variance_shares(table)
+    assert eta == pytest.approx(explained["beta"] / total) and seed_eta == pytest.approx(explained["seed"] / total)
+    assert p_beta == pytest.approx(p["beta"]) and p_seed == pytest.approx(p["seed"]) and p_beta < 0.01
+    assert omega == pytest.approx((explained["beta"] - (b - 1) * full / df) / (total + full / df)) and omega < eta
 
 
 def test_committed_figures_exist():

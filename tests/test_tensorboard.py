@@ -67,16 +67,18 @@ def test_events_hold_loss_txt_epoch_by_epoch_digit_grids_and_hparams(mnist_dir, 
 
 
 def test_a_resumed_run_continues_its_curves_without_duplicated_steps(mnist_dir, tmp_path, monkeypatch):
-    out, save, calls = tmp_path / "tb", utils.save_checkpoint, []
+    out, save, on_disk = tmp_path / "tb", utils.save_checkpoint, []
 
     def killed_at_second_checkpoint(path, state):  # epoch 2 is logged, then the run dies before its checkpoint
-        calls.append(path)
-        if len(calls) == 2:
+        # what a SIGKILL here would leave: the events on disk before the writer is closed
+        on_disk.append([s for s, _ in scalars(events(out)).get("loss/total", [])])
+        if len(on_disk) == 2:
             raise KeyboardInterrupt
         save(path, state)
 
     monkeypatch.setattr(utils, "save_checkpoint", killed_at_second_checkpoint)
     assert run_cli(RUN + ["--out-dir", out]) == 130
+    assert on_disk == [[1], [1, 2]]  # each epoch on disk before its checkpoint: a resume leaves no gap
     assert [s for s, _ in scalars(events(out))["loss/total"]] == [1, 2]  # the orphan epoch 2 is on disk
     monkeypatch.setattr(utils, "save_checkpoint", save)
     assert run_cli(RUN + ["--out-dir", out, "--resume"]) == 0
