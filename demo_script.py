@@ -200,6 +200,11 @@ def model_config(cfg):
     return VAEConfig(hidden=tuple(cfg["hidden"]), latent_dim=cfg["latent_dim"])
 
 
+def schedule_name(args):
+    """-> what the schedule sets, for plot labels: the capacity C(t) under --schedule capacity, else β."""
+    return "capacity C" if args.schedule == "capacity" else "β"
+
+
 def schedule_curve(args):
     """-> (epochs as floats, values) of the schedule the steps used, sampled 20 times per epoch; x = e is the start of
     epoch e, where loss.txt's beta column reads it."""
@@ -325,8 +330,8 @@ def run(args):
     (out / "samples").mkdir(parents=True, exist_ok=True)
     with tensorboard(cfg, state["epoch"] + 1 if state and args.resume else None) as writer:
         model, history = trained_model(cfg, state, split, writer, timings)
-        utils.plot_training_curves(history, out / "samples" / "train_loss.png",
-                                   "capacity C" if cfg.schedule == "capacity" else "β", schedule_curve(cfg))
+        utils.plot_training_curves(history, out / "samples" / "train_loss.png", schedule_name(cfg),
+                                   schedule_curve(cfg))
         metrics, analysis_timings = measures.analyze(model, split, cfg, out / "samples",
                                                      data.DATASETS[cfg.dataset]["classes"])
         timings.update(analysis_timings, total=round(time.time() - t_start, 2))

@@ -174,8 +174,15 @@ def kl_decomposition(mu, logvar, seed=0):
     # of total_n - KL_n, whose mean is 0, not of total_n, which adds how much KL_n varies from image to image.
     mc_se = float((total - kl.cpu().double()).std()) / math.sqrt(n)
     # log q(z_n) >= log q(z_n | x_n) - log N, so the MI estimate can never exceed log N, whatever the true MI is.
-    return {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()), "sum_mc_se": mc_se,
-            "kl_closed_form": float(kl.mean()), "mi_bound": math.log(n)}
+    out = {**{k: float(v.mean()) for k, v in terms.items()}, "sum": float(total.mean()), "sum_mc_se": mc_se,
+           "kl_closed_form": float(kl.mean()), "mi_bound": math.log(n)}
+    # A posterior std below float32's resolution of its mean (log sigma^2 of -40 and less) makes z - mu round to 0:
+    # the terms then come out NaN, or their sum drifts many standard errors from the closed form (1.9 at most on
+    # the 33 committed models).
+    if not all(map(math.isfinite, out.values())) or abs(out["sum"] - out["kl_closed_form"]) > 6 * mc_se:
+        raise FloatingPointError(f"the terms' sum {out['sum']:.4g} is not the closed-form KL {out['kl_closed_form']:.4g}"
+                                 f" (MC error {mc_se:.2g}): posterior variances beyond float32's resolution")
+    return out
 
 
 # ----------------------------------------------------------------------------- probes: what a read-out with labels finds
@@ -187,25 +194,41 @@ def balanced_subset(y, n, rng):
     return np.concatenate([rng.choice(np.flatnonzero(y == c), n // len(classes), replace=False) for c in classes])
 
 
-def probe_accuracies(train_mu, train_y, test_mu, test_y, sizes=(100, 1000), draws=5, seed=0):
-    """(n, d) train and (m, d) test latent means with labels -> test accuracy of logistic probes and kNN, by label count."""
+def logistic_probe(seed):
+    """-> an unfitted standardise-then-logistic-regression pipeline."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    probe = lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
+
+
+def few_label_accuracy(train_mu, train_y, test_mu, test_y, n, draws, seed):
+    """-> test accuracy of logistic probes on `draws` class-balanced draws of n training labels: mean, sample std."""
+    counts = np.unique(train_y, return_counts=True)[1]
+    if counts.min() < n // len(counts):  # a small --limit holds too few examples of some class
+        raise ValueError(f"{n} balanced labels need {n // len(counts)} of each class; the rarest has {counts.min()}")
+    subsets = [balanced_subset(train_y, n, np.random.default_rng(seed + d)) for d in range(draws)]
+    accs = [logistic_probe(seed).fit(train_mu[i], train_y[i]).score(test_mu, test_y) for i in subsets]
+    return dict(mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)), labels=len(subsets[0]), draws=draws)
+
+
+def all_label_accuracy(train_mu, train_y, test_mu, test_y, model):
+    """-> test accuracy of `model` fitted once on every training label (no spread to report)."""
+    acc = float(model.fit(train_mu, train_y).score(test_mu, test_y))
+    return dict(mean=acc, std=None, labels=len(train_y), draws=1)
+
+
+def probe_accuracies(train_mu, train_y, test_mu, test_y, unavailable, sizes=(100, 1000), draws=5, seed=0):
+    """(n, d) train and (m, d) test latent means with labels -> test accuracy of logistic probes and kNN, by label
+    count; a probe this data cannot fit (too few labels of a class, one class) is null, its reason in unavailable."""
+    from sklearn.neighbors import KNeighborsClassifier
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    out = {}
-    for n in sizes:  # class-balanced draws of n labels, several times: few-label accuracy varies with the draw
-        if np.bincount(train_y).min() < n // len(np.unique(train_y)):
-            continue  # a small --limit holds too few examples of some class for n balanced labels
-        accs = [probe().fit(train_mu[i], train_y[i]).score(test_mu, test_y) for i in
-                (balanced_subset(train_y, n, np.random.default_rng(seed + d)) for d in range(draws))]
-        out[f"logistic_{n}"] = dict(mean=float(np.mean(accs)), std=float(np.std(accs, ddof=1)), labels=n, draws=draws)
-    n = len(train_y)
-    for name, model in [("logistic_all", probe()), ("knn_all", KNeighborsClassifier(n_neighbors=5))]:
-        acc = float(model.fit(train_mu, train_y).score(test_mu, test_y))
-        out[name] = dict(mean=acc, std=None, labels=n, draws=1)  # one fit on every label: no spread to report
+    split = (train_mu, train_y, test_mu, test_y)
+    # several draws of n labels each: few-label accuracy varies with the draw
+    out = {f"logistic_{n}": measure_or_null(unavailable, f"probes.logistic_{n}", few_label_accuracy, *split, n,
+                                            draws, seed) for n in sizes}
+    for name, model in [("logistic_all", logistic_probe(seed)), ("knn_all", KNeighborsClassifier(n_neighbors=5))]:
+        out[name] = measure_or_null(unavailable, f"probes.{name}", all_label_accuracy, *split, model)
     return out
 
 
@@ -496,6 +519,8 @@ def factor_report(mu, traversals, dims, values, args):
     """mu: (N, z) test codes, traversals: (D, bases, V, 784) decoded along dims -> metrics.json's disentanglement."""
     if args.dataset != "mnist":
         raise ValueError("Morpho-MNIST's morphometrics describe handwritten digits, not this data set's images")
+    if mu.shape[1] < 2:  # MIG's and SAP's gap to a second dimension would be a gap to 0, and DCI C would be 1
+        raise ValueError("MIG, SAP and DCI compare a factor's code dimensions: a 1-d code has one")
     # --threads caps the cores: in a grid of --workers members each gets its share, not every core
     factors = test_set_morphometrics(args.data_dir, args.dataset, len(mu), workers=args.threads)
     report = disentanglement(mu, factors, len(mu) // 2, args.threads, args.seed)
@@ -558,12 +583,12 @@ def analyze(model, split, args, samples, classes):
     mu, logvar = utils.encode_means(model, test_x)
     kl, active = utils.kl_per_dim(mu, logvar).mean(0), utils.active_units(mu)
     with utils.timed(timings, "kl_decomposition"):
-        decomposition = kl_decomposition(mu.to(test_x.device), logvar.to(test_x.device), seed=args.seed)
+        decomposition = measure_or_null(unavailable, "kl_decomposition", kl_decomposition, mu.to(test_x.device),
+                                        logvar.to(test_x.device), seed=args.seed)
     with utils.timed(timings, "probes"):  # labels used by design: what a linear read-out of the code can do
         probe_x = data.binarized(train_x.cpu(), data.BINARIZE_SEED) if args.binarize else train_x
-        probes = measure_or_null(unavailable, "probes", probe_accuracies,
-                                 utils.encode_means(model, probe_x.to(test_x.device))[0].numpy(), train_y.numpy(),
-                                 mu.numpy(), y, seed=args.seed)
+        probes = probe_accuracies(utils.encode_means(model, probe_x.to(test_x.device))[0].numpy(), train_y.numpy(),
+                                  mu.numpy(), y, unavailable, seed=args.seed)
     with utils.timed(timings, "tsne"):  # not in metrics.json, but the clustering on it and two figures are
         emb = measure_or_null(unavailable, "tsne", utils.tsne_embedding, mu[:args.tsne_points].numpy(), args.seed,
                               n_jobs=args.threads or -1)
@@ -576,7 +601,8 @@ def analyze(model, split, args, samples, classes):
         factors = measure_or_null(unavailable, "disentanglement", factor_report, mu.numpy(), *traversal, args)
     with utils.timed(timings, "figures"):
         analysis_figures(model, test_x, y, mu, (kl, active), emb, pred, traversal, factors, args, samples, classes)
-    decomposition["mi_near_bound"] = decomposition["mi"] > decomposition["mi_bound"] - 0.3
+    if decomposition:
+        decomposition["mi_near_bound"] = decomposition["mi"] > decomposition["mi_bound"] - 0.3
     metrics.update(active_units=int(active.sum()), active_dims=active.nonzero().flatten().tolist(),
                    kl_per_dim=kl.tolist(), kl_decomposition=decomposition, probes=probes, clustering=clustering,
                    disentanglement=factors,
@@ -628,11 +654,13 @@ def print_summary(metrics, timings, title):
         print(f"test log p(x), IW K={m['iw_samples']:<5d} {m['test_iw_log_likelihood']:8.2f} ± {m['test_iw_mc_se']:.2f} MC "
               f"± {m['test_iw_test_se']:.2f} test nats")
     print(f"active units               {m['active_units']:5d} of {len(m['kl_per_dim'])}")
-    print(f"KL = MI + TC + dim-wise KL  {d['kl_closed_form']:.2f} = {d['mi']:.2f} + {d['tc']:.2f} + {d['dim_kl']:.2f} "
+    print("KL = MI + TC + dim-wise KL  null" if d is None else
+          f"KL = MI + TC + dim-wise KL  {d['kl_closed_form']:.2f} = {d['mi']:.2f} + {d['tc']:.2f} + {d['dim_kl']:.2f} "
           f"(sum {d['sum']:.2f} ± {d['sum_mc_se']:.2f}; MI cannot exceed log N = {d['mi_bound']:.2f}"
           + (", and is within 0.3 of it: the true MI may be larger)" if d["mi_near_bound"] else ")"))
-    print("probes (use labels)        " + ("null" if m["probes"] is None else ", ".join(
-        f"{k} {v['mean']:.3f}" + (f" ± {v['std']:.3f}" if v["std"] else "") for k, v in m["probes"].items())))
+    print("probes (labels; ± std over label draws) " + ", ".join(
+        f"{k} null" if v is None else f"{k} {v['mean']:.3f}" + ("" if v["std"] is None else f" ± {v['std']:.3f}")
+        for k, v in m["probes"].items()))
     print(f"{'clustering (no labels)':26s} {'ACC':>13s} {'NMI':>13s} {'ARI':>13s}")
     for name, s in c.items():
         print(f"{name:26s} " + ("null" if s is None else " ".join(f"{s[k + '_mean']:.3f} ± {s[k + '_std']:.3f}"

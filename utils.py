@@ -477,6 +477,9 @@ def umap_embedding(features, seed, n_components=10, n_neighbors=30):
     """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0 on exact nearest neighbours."""
     from sklearn.neighbors import NearestNeighbors
     features = np.asarray(features, dtype=np.float32)
+    distinct = len(np.unique(features, axis=0))
+    if distinct <= n_neighbors:  # a (nearly) collapsed code: ties, in row order, would make the neighbour graph
+        raise ValueError(f"{distinct} distinct codes: UMAP's {n_neighbors}-neighbour graph would be made of ties")
     # Exact neighbours, cheap for 10k points in 10-d, replace UMAP's NN-descent, whose numba code cannot be cached.
     dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
     # 30 neighbours and min_dist 0 are umap-learn's advice for clustering (docs, "Using UMAP for Clustering"); N2D
@@ -499,7 +502,14 @@ def labels_per_seed(features, method, seeds, threads=1):
     # restored last, so the filters end as they began.
     with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
         warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
-        return list(pool.map(partial(cluster_labels, features, method), seeds))
+        return list(pool.map(partial(one_openmp_thread, cluster_labels, features, method), seeds))
+
+
+def one_openmp_thread(f, *args):
+    """f(*args) with OpenMP on one thread in this thread: its limit is per thread (BLAS's is per process), so a
+    thread started under threadpool_limits(1) would otherwise give sklearn's KMeans every core."""
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        return f(*args)
 
 
 def clustering_scores(features, y, method, seeds, first_labels=None, threads=1):

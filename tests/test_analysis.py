@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -150,6 +151,23 @@ def test_umap_then_gaussian_mixture_recovers_planted_clusters():
     x, y = planted(60, 20, 4.0)
     s = utils.clustering_scores(x, y, "umap_gmm", seeds=[0, 1])
     assert s["acc_mean"] == 1.0
+
+
+def test_seeds_side_by_side_run_openmp_on_one_thread_each(monkeypatch):
+    # threadpoolctl's OpenMP limit is per thread: a seed's thread must set its own, or its KMeans takes every core
+    def openmp_threads(features, method, seed):
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "openmp"]
+
+    monkeypatch.setattr(utils, "cluster_labels", openmp_threads)
+    seen = utils.labels_per_seed(np.zeros((10, 2)), "gmm", [0, 1, 2], threads=2)
+    assert seen and all(s == [1] * len(s) and s for s in seen), seen
+
+
+def test_umap_refuses_a_collapsed_code_whose_neighbours_are_ties():
+    # 20 distinct codes for 30 neighbours: the graph would follow row order, and sorted labels would score above chance
+    x = np.repeat(np.random.default_rng(0).normal(size=(20, 4)), 10, axis=0)
+    with pytest.raises(ValueError, match="20 distinct codes"):
+        utils.umap_embedding(x, seed=0)
 
 
 @pytest.mark.parametrize("method", ["umap_gmm", "gmm"])

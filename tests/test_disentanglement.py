@@ -467,3 +467,5 @@ def test_the_factor_report_scores_the_first_test_images_and_reads_drawn_traversa
     fashion = argparse.Namespace(data_dir=mnist_dir, dataset="fashion-mnist")
     with pytest.raises(ValueError, match="Morpho-MNIST"):
         measures.factor_report(mu, traversals, [2, 0], values.tolist(), fashion)
+    with pytest.raises(ValueError, match="1-d code"):  # MIG's gap to a second dimension would be a gap to 0
+        measures.factor_report(mu[:, :1], traversals[:1], [0], values.tolist(), args)

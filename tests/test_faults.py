@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from matplotlib.figure import Figure
 
 import data
+import grid
 import measures
 import utils
 from conftest import QUICK, ROOT, default_signals, planted, run_cli, thread_limits_restored, wait_for
@@ -383,8 +384,14 @@ def test_every_accepted_flag_combination_completes_or_is_refused_in_one_line(mni
     if code == 2:
         assert len(err.strip().splitlines()) == 1 and not out.exists(), err
         return
-    m = json.loads((out / "metrics.json").read_text())
+    # strict JSON: Python's json would write and read back a bare NaN, which other readers refuse
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in metrics.json"))
     assert null_paths(m) == {p for p in m["unavailable"] if p != "tsne"}  # each named null is null, and named
+    # ... and every headline measure is a number or named: none silently left out
+    by_design = {"test_iw_log_likelihood"} if flags["--loss"] == "mse" else set()  # MSE has no likelihood
+    silent = [p for p in grid.HEADLINE if p not in grid.headline_numbers(m) and p not in by_design
+              and not any(p == u or p.startswith(u + ".") for u in m["unavailable"])]
+    assert silent == [], silent
     warned = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warned) == len([r for r in m["unavailable"].values() if not r.startswith("no t-SNE map")])
     assert all(line.split()[1] in m["unavailable"] for line in warned) and len(err.splitlines()) == len(warned)

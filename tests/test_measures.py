@@ -170,6 +170,13 @@ def test_mutual_information_estimate_cannot_exceed_log_n():
     assert d["mi"] <= d["mi_bound"] + 1e-9 and d["mi"] == pytest.approx(math.log(1000), abs=0.01)
 
 
+@pytest.mark.parametrize("logvar", [-100.0, -40.0, 100.0])  # NaN terms; a sum 29 MC errors off; an inf KL
+def test_posterior_variances_beyond_float32_null_the_decomposition_rather_than_skew_it(logvar):
+    mu = torch.randn(200, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(FloatingPointError, match="not the closed-form KL"):
+        measures.kl_decomposition(mu, torch.full_like(mu, logvar))
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10 ** 6), d=st.integers(1, 6))
 def test_the_three_terms_add_up_to_the_closed_form_kl(seed, d):
@@ -243,12 +250,27 @@ def test_flooring_exp_changes_no_bit_of_a_decomposition_with_many_underflowing_t
 def test_probes_read_planted_classes_and_nothing_from_noise():
     x_all, y_all = planted(350, 10, 6.0)  # every 7th point is held out as the test set
     train, test = np.arange(len(y_all)) % 7 != 0, np.arange(len(y_all)) % 7 == 0
-    p = measures.probe_accuracies(x_all[train], y_all[train], x_all[test], y_all[test], draws=3)
-    assert all(v["mean"] > 0.98 for v in p.values())
+    unavailable = {}
+    p = measures.probe_accuracies(x_all[train], y_all[train], x_all[test], y_all[test], unavailable, draws=3)
+    assert all(v["mean"] > 0.98 for v in p.values()) and len(p) == 4 and unavailable == {}
     noise = np.random.default_rng(2).normal(size=x_all.shape)
-    q = measures.probe_accuracies(noise[train], y_all[train], noise[test], y_all[test], draws=3)
+    q = measures.probe_accuracies(noise[train], y_all[train], noise[test], y_all[test], unavailable, draws=3)
     assert all(abs(v["mean"] - 0.1) < 0.06 for v in q.values())
-    assert q["logistic_100"]["draws"] == 3 and q["logistic_100"]["std"] >= 0
+    assert q["logistic_100"]["draws"] == 3 and q["logistic_100"]["std"] >= 0 and q["logistic_100"]["labels"] == 100
+
+
+def test_probes_count_the_labels_they_drew_and_null_what_cannot_be_fitted():
+    x, y = planted(300, 10, 6.0)
+    keep = y != 3  # a class missing: 9 classes of 11 labels each is 99, not 100
+    unavailable = {}
+    p = measures.probe_accuracies(x[keep], y[keep], x, y, unavailable, sizes=(100,), draws=2)
+    assert p["logistic_100"]["labels"] == 99 and unavailable == {}
+    p = measures.probe_accuracies(x[::10], y[::10], x, y, unavailable, sizes=(1000,), draws=2)
+    # 300 training points, 30 of each class: 1,000 balanced labels cannot be drawn, and the reason says so
+    assert p["logistic_1000"] is None and "the rarest has 30" in unavailable.pop("probes.logistic_1000")
+    one = measures.probe_accuracies(x[:3], np.zeros(3, int), x, y, unavailable, sizes=(100,), draws=2)
+    assert one == dict.fromkeys(["logistic_100", "logistic_all", "knn_all"])  # one class, 3 points: nothing fits
+    assert set(unavailable) == {"probes.logistic_100", "probes.logistic_all", "probes.knn_all"}
 
 
 @settings(max_examples=30, deadline=None)
