@@ -386,8 +386,11 @@ def log_hparams(writer, config, metrics, step):
     accs = [v for k, v in numbers.items() if k.endswith("_acc")]
     if accs:
         numbers["best_clustering_acc"] = max(accs)
+    # The view's columns are the metric names of the first run TensorBoard reads, for every run of a grid: so every
+    # name, a null measure's too (hparams takes names only; the values are the scalars below).
+    names = [*grid.headline_names(metrics), "best_clustering_acc"]
     # Written into this run's own event file, not add_hparams' sub-folder: the view then links to its curves.
-    for summary in hparams(flags, {f"hparams/{k}": v for k, v in numbers.items()}):
+    for summary in hparams(flags, {f"hparams/{k}": 0.0 for k in names}):
         writer.file_writer.add_summary(summary, step)
     for k, v in numbers.items():
         writer.add_scalar(f"hparams/{k}", v, step)

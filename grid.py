@@ -267,6 +267,12 @@ def run_members(members, args, run, defaults):
     return results, errors
 
 
+def headline_names(metrics):
+    """-> the name of every number headline_numbers can give a run with these flags, null ones included."""
+    methods = metrics.get("clustering") or {}
+    return [*HEADLINE, *(f"{method}_{k}" for method in methods for k in ("acc", "nmi", "ari"))]
+
+
 def headline_numbers(metrics):
     """A member's metrics.json -> {name: float}: HEADLINE's keys, then every clustering method's ACC, NMI and ARI
     (means over clustering seeds) as <method>_acc etc.; keys this member lacks, or holds as null, are left out."""

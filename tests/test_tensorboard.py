@@ -4,10 +4,11 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import SummaryWriter
 
 import demo_script
 import utils
-from conftest import QUICK, run_cli
+from conftest import QUICK, ROOT, run_cli
 
 RUN = QUICK + ["--epochs", "2", "--limit", "1000", "--test-limit", "500", "--tsne-points", "200", "--tensorboard"]
 
@@ -83,6 +84,22 @@ def test_a_resumed_run_continues_its_curves_without_duplicated_steps(mnist_dir, 
     monkeypatch.setattr(utils, "save_checkpoint", save)
     assert run_cli(RUN + ["--out-dir", out, "--resume"]) == 0
     assert_events_equal_loss_txt(out)  # epoch 2 once, with the resumed run's values
+
+
+def test_the_hparams_view_names_every_headline_metric_even_one_this_run_lacks(tmp_path):
+    # TensorBoard takes one run's metric names for a whole grid: a member with a null measure must not drop its column
+    m = json.loads((ROOT / "metrics.json").read_text())
+    m["clustering"]["umap_gmm"], m["kl_decomposition"] = None, None
+    with SummaryWriter(tmp_path / "tensorboard") as writer:
+        demo_script.log_hparams(writer, m["config"], m, 30)
+    acc = events(tmp_path)
+    experiments = [plugin_data_pb2.HParamsPluginData.FromString(acc.SummaryMetadata(t).plugin_data.content)
+                   for t in acc.summary_metadata]
+    names = {i.name.tag for e in experiments if e.HasField("experiment") for i in e.experiment.metric_infos}
+    assert {"hparams/umap_gmm_acc", "hparams/kl_decomposition.mi", "hparams/test_neg_elbo"} <= names
+    logged = scalars(acc)
+    assert "hparams/test_neg_elbo" in logged and "hparams/umap_gmm_acc" not in logged  # no number for a null one
+    assert "hparams/kl_decomposition.mi" not in logged
 
 
 def test_quick_is_the_readme_sizes_and_explicit_flags_win():
