@@ -661,7 +661,7 @@ def print_summary(metrics, timings, title):
     print("probes (labels; ± std over label draws) " + ", ".join(
         f"{k} null" if v is None else f"{k} {v['mean']:.3f}" + ("" if v["std"] is None else f" ± {v['std']:.3f}")
         for k, v in m["probes"].items()))
-    print(f"{'clustering (no labels)':26s} {'ACC':>13s} {'NMI':>13s} {'ARI':>13s}")
+    print(f"{'clustering (no labels)':26s} {'ACC':>13s} {'NMI':>13s} {'ARI':>13s}  (± std over clustering seeds)")
     for name, s in c.items():
         print(f"{name:26s} " + ("null" if s is None else " ".join(f"{s[k + '_mean']:.3f} ± {s[k + '_std']:.3f}"
                                                                   for k in ("acc", "nmi", "ari"))))
