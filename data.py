@@ -194,6 +194,21 @@ def remove_empty_folders(folders):
             break
 
 
+def lock_is_held(path):
+    """-> whether a live process holds the flock on lock file `path` (a killed holder's is released); False if none."""
+    try:
+        fd = os.open(path, os.O_RDWR)  # no O_CREAT: probing must not leave a lock file behind
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's own flock
+
+
 @contextmanager
 def folder_lock(folder, wait=False):
     """One writer per run folder: hold an exclusive flock on folder/.lock for the block, released however the process

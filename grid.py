@@ -214,14 +214,11 @@ def killed_while_running(members, since):
     def left(m):
         path = Path(m.out_dir) / data.LOCK_FILE
         try:  # the lock file is written when taken; 0.05 s: file times lag time.time() by a clock tick
-            if path.stat().st_mtime < since - 0.05:
-                return False
-            os.close(data.locked_descriptor(path, wait=False))  # a dead holder's flock is gone; the probe lets go
-            return True
+            fresh = path.stat().st_mtime >= since - 0.05
         except FileNotFoundError:
             return False
-        except data.FolderBusy:  # another command's live run, which this member was waiting for: not killed
-            return False
+        # held: another command's live run, which this member was waiting for, not a kill
+        return fresh and not data.lock_is_held(path)
     return [m for m in members if left(m)]
 
 

@@ -220,6 +220,7 @@ def test_only_a_lock_its_holder_left_behind_counts_as_killed(tmp_path):
     assert holder.stdout.readline() == "held\n"
     killed = grid.killed_while_running(list(members.values()), since)  # beta=2 seed=2: no lock at all
     assert [grid.member_name(m) for m in killed] == ["beta=0.5 seed=1"]
+    assert not Path(members["beta=2 seed=2"].out_dir).exists()  # probing made no lock file where there was none
     holder.wait(timeout=60)
 
 
