@@ -406,12 +406,13 @@ def cluster_accuracy(y_true, y_pred):
     return float(np.mean(hungarian_relabel(y_true, y_pred) == np.asarray(y_true)))
 
 
-def cluster_labels(features, method, seed, k=10, n_init=10):
-    """features: (N, d) -> (N,) cluster ids from 'kmeans', 'gmm' (full covariance) or 'umap_gmm' (UMAP, then gmm)."""
+def cluster_labels(features, method, seed, k=10, n_init=10, knn=None):
+    """features: (N, d) -> (N,) cluster ids from 'kmeans', 'gmm' (full covariance) or 'umap_gmm' (UMAP, then gmm);
+    knn: umap_gmm's exact_neighbours(features) when already at hand."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
     if method == "umap_gmm":  # McConville et al. 2020 (N2D): UMAP to k dimensions, then a Gaussian mixture
-        features, method = umap_embedding(features, seed, n_components=k), "gmm"
+        features, method = umap_embedding(features, seed, n_components=k, knn=knn), "gmm"
     # n_init restarts keep the lowest inertia or the highest likelihood: a choice that never sees a label.
     if method == "kmeans":
         return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(features)
@@ -473,17 +474,28 @@ def umap_module():
     return sys.modules["umap"]
 
 
-def umap_embedding(features, seed, n_components=10, n_neighbors=30):
-    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0 on exact nearest neighbours."""
+# 30 neighbours and min_dist 0 are umap-learn's advice for clustering (docs, "Using UMAP for Clustering"); N2D used 20.
+UMAP_NEIGHBOURS = 30
+
+
+def exact_neighbours(features, n_neighbors=UMAP_NEIGHBOURS):
+    """features: (N, d) -> (N, n_neighbors) indices and distances of each row's exact nearest rows, itself first."""
     from sklearn.neighbors import NearestNeighbors
+    features = np.asarray(features, dtype=np.float32)
+    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
+    return idx, dist
+
+
+def umap_embedding(features, seed, n_components=10, n_neighbors=UMAP_NEIGHBOURS, knn=None):
+    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0 on exact nearest neighbours; knn:
+    exact_neighbours(features, n_neighbors) when already at hand (labels_per_seed's seeds share one)."""
     features = np.asarray(features, dtype=np.float32)
     distinct = len(np.unique(features, axis=0))
     if distinct <= n_neighbors:  # a (nearly) collapsed code: ties, in row order, would make the neighbour graph
         raise ValueError(f"{distinct} distinct codes: UMAP's {n_neighbors}-neighbour graph would be made of ties")
     # Exact neighbours, cheap for 10k points in 10-d, replace UMAP's NN-descent, whose numba code cannot be cached.
-    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
-    # 30 neighbours and min_dist 0 are umap-learn's advice for clustering (docs, "Using UMAP for Clustering"); N2D
-    # used 20. random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
+    idx, dist = exact_neighbours(features, n_neighbors) if knn is None else knn
+    # random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
     reducer = umap_module().UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed,
                                  n_jobs=1, precomputed_knn=(idx, dist, None))
     with warnings.catch_warnings():  # it warns that transform() needs an NN-descent index; nothing here transforms
@@ -494,22 +506,24 @@ def umap_embedding(features, seed, n_components=10, n_neighbors=30):
 def labels_per_seed(features, method, seeds, threads=1):
     """features: (N, d) -> [(N,) cluster ids for each seed]; threads > 1: the seeds side by side, BLAS on one thread
     each, for methods that leave cores idle: UMAP (its SGD holds one core, without the GIL) and a mixture's EM."""
+    # The seeds' UMAPs differ in their SGD only: one neighbour graph serves them all (~1 s each on 10k codes)
+    shared = dict(knn=exact_neighbours(features)) if method == "umap_gmm" and len(seeds) > 1 else {}
     if threads <= 1 or len(seeds) < 2:
-        return [cluster_labels(features, method, s) for s in seeds]
+        return [cluster_labels(features, method, s, **shared) for s in seeds]
     if method == "umap_gmm":
         umap_module()  # imported here, once: it swaps numba.njit for the duration, which threads must not race on
     # One filter for all threads: warnings.catch_warnings (in umap_embedding) is not thread-safe, this outer one is
     # restored last, so the filters end as they began.
     with warnings.catch_warnings(), threadpoolctl.threadpool_limits(1), ThreadPoolExecutor(threads) as pool:
         warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
-        return list(pool.map(partial(one_openmp_thread, cluster_labels, features, method), seeds))
+        return list(pool.map(partial(one_openmp_thread, cluster_labels, features, method, **shared), seeds))
 
 
-def one_openmp_thread(f, *args):
-    """f(*args) with OpenMP on one thread in this thread: its limit is per thread (BLAS's is per process), so a
-    thread started under threadpool_limits(1) would otherwise give sklearn's KMeans every core."""
+def one_openmp_thread(f, *args, **kwargs):
+    """f(*args, **kwargs) with OpenMP on one thread in this thread: its limit is per thread (BLAS's is per process),
+    so a thread started under threadpool_limits(1) would otherwise give sklearn's KMeans every core."""
     with threadpoolctl.threadpool_limits(1, user_api="openmp"):
-        return f(*args)
+        return f(*args, **kwargs)
 
 
 def clustering_scores(features, y, method, seeds, first_labels=None, threads=1):
@@ -532,10 +546,12 @@ def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
     if max_iter <= 250:
         raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
     from openTSNE import TSNE  # here, not at the top: it costs ~1 s of every start-up, --help included
+    # Exact neighbours (scikit-learn's k-d tree): for 10k codes in 10-d they took ~1 s, Annoy's approximate ones, the
+    # default from 1,000 points, ~3.4 s (benchmarks/README.md).
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
-                n_iter=max_iter - 250, n_jobs=n_jobs)
+                n_iter=max_iter - 250, n_jobs=n_jobs, neighbors="exact")
     # openTSNE imports pynndescent (and numba, ~1 s) to ask whether it is installed, an answer that matters only for
-    # sparse data or other metrics: for dense Euclidean data its choice (exact below 1,000 points, Annoy) is the same.
+    # sparse data or other metrics.
     with mock.patch("openTSNE.affinity.is_package_installed", return_value=False):
         emb = np.asarray(tsne.fit(np.asarray(features, dtype=np.float32)))
     if not np.isfinite(emb).all():  # openTSNE returns NaN, without an error, for identical points (a collapsed code)

@@ -181,6 +181,14 @@ def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
         assert np.array_equal(labels, utils.cluster_labels(x, method, seed))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_seeds_umaps_share_one_neighbour_graph(monkeypatch, threads):
+    x, _ = planted(30, 8, 1.5)
+    graphs, exact = [], utils.exact_neighbours
+    monkeypatch.setattr(utils, "exact_neighbours", lambda *a: graphs.append(a) or exact(*a))
+    assert len(utils.labels_per_seed(x, "umap_gmm", [0, 1, 2], threads=threads)) == 3 and len(graphs) == 1
+
+
 def test_umaps_sgd_epoch_runs_without_the_gil_and_caches_under_its_own_name():
     layouts = utils.umap_module().layouts
     swapped = layouts._get_optimize_layout_euclidean_single_epoch_fn(False)  # what an embedding with a seed calls
