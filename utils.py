@@ -407,8 +407,7 @@ def cluster_accuracy(y_true, y_pred):
 
 
 def cluster_labels(features, method, seed, k=10, n_init=10, knn=None):
-    """features: (N, d) -> (N,) cluster ids from 'kmeans', 'gmm' (full covariance) or 'umap_gmm' (UMAP, then gmm);
-    knn: umap_gmm's exact_neighbours(features) when already at hand."""
+    """features: (N, d) -> (N,) ids from 'kmeans', 'gmm' (full covariance) or 'umap_gmm' (UMAP with knn, then gmm)."""
     from sklearn.cluster import KMeans
     from sklearn.mixture import GaussianMixture
     if method == "umap_gmm":  # McConville et al. 2020 (N2D): UMAP to k dimensions, then a Gaussian mixture
@@ -479,25 +478,25 @@ UMAP_NEIGHBOURS = 30
 
 
 def exact_neighbours(features, n_neighbors=UMAP_NEIGHBOURS):
-    """features: (N, d) -> (N, n_neighbors) indices and distances of each row's exact nearest rows, itself first."""
+    """features: (N, d) -> (indices, distances), each (N, n_neighbors): every row's exact nearest rows, nearest first."""
     from sklearn.neighbors import NearestNeighbors
-    features = np.asarray(features, dtype=np.float32)
-    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
-    return idx, dist
-
-
-def umap_embedding(features, seed, n_components=10, n_neighbors=UMAP_NEIGHBOURS, knn=None):
-    """features: (N, d) -> (N, n_components) UMAP embedding with min_dist 0 on exact nearest neighbours; knn:
-    exact_neighbours(features, n_neighbors) when already at hand (labels_per_seed's seeds share one)."""
     features = np.asarray(features, dtype=np.float32)
     distinct = len(np.unique(features, axis=0))
     if distinct <= n_neighbors:  # a (nearly) collapsed code: ties, in row order, would make the neighbour graph
         raise ValueError(f"{distinct} distinct codes: UMAP's {n_neighbors}-neighbour graph would be made of ties")
     # Exact neighbours, cheap for 10k points in 10-d, replace UMAP's NN-descent, whose numba code cannot be cached.
+    dist, idx = NearestNeighbors(n_neighbors=n_neighbors).fit(features).kneighbors(features)
+    return idx, dist
+
+
+def umap_embedding(features, seed, n_components=10, n_neighbors=UMAP_NEIGHBOURS, knn=None):
+    """features: (N, d) -> (N, n_components) UMAP with min_dist 0; knn: exact_neighbours(features) if already made."""
+    features = np.asarray(features, dtype=np.float32)
     idx, dist = exact_neighbours(features, n_neighbors) if knn is None else knn
-    # random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning.
+    # random_state makes UMAP deterministic and single-threaded; n_jobs=1 says so and silences its warning. Copies:
+    # seeds share the graph, and umap-learn may write into it (it marks disconnected neighbours with -1).
     reducer = umap_module().UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=0.0, random_state=seed,
-                                 n_jobs=1, precomputed_knn=(idx, dist, None))
+                                 n_jobs=1, precomputed_knn=(idx.copy(), dist.copy(), None))
     with warnings.catch_warnings():  # it warns that transform() needs an NN-descent index; nothing here transforms
         warnings.filterwarnings("ignore", message="precomputed_knn", category=UserWarning)
         return reducer.fit_transform(features)
@@ -542,12 +541,13 @@ def clustering_scores(features, y, method, seeds, first_labels=None, threads=1):
 def tsne_embedding(features, seed, max_iter=500, n_jobs=-1):
     """features: (N, d) -> (N, 2) t-SNE map (openTSNE on n_jobs threads, -1: all; FFT from N = 10,000, else BH)."""
     # max_iter counts the 250 early-exaggeration iterations too, as sklearn's does. On the 10k test latents openTSNE
-    # took 14-15 s and sklearn's Barnes-Hut 18-21 s, with a slightly better KMeans score (benchmarks/README.md).
+    # took 14-15 s with Annoy's neighbours (11-12 s with exact ones) and sklearn's Barnes-Hut 18-21 s, with a slightly
+    # better KMeans score (benchmarks/README.md).
     if max_iter <= 250:
         raise ValueError(f"max_iter={max_iter} must exceed the 250 early-exaggeration iterations it includes")
     from openTSNE import TSNE  # here, not at the top: it costs ~1 s of every start-up, --help included
-    # Exact neighbours (scikit-learn's k-d tree): for 10k codes in 10-d they took ~1 s, Annoy's approximate ones, the
-    # default from 1,000 points, ~3.4 s (benchmarks/README.md).
+    # Exact neighbours (scikit-learn's search, a k-d tree for 10-d codes): for 10k codes they took ~1 s, Annoy's
+    # approximate ones, openTSNE's default from 1,000 points, ~3.4 s (benchmarks/README.md).
     tsne = TSNE(n_components=2, initialization="pca", random_state=seed, early_exaggeration_iter=250,
                 n_iter=max_iter - 250, n_jobs=n_jobs, neighbors="exact")
     # openTSNE imports pynndescent (and numba, ~1 s) to ask whether it is installed, an answer that matters only for

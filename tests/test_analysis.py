@@ -170,11 +170,11 @@ def test_umap_refuses_a_collapsed_code_whose_neighbours_are_ties():
         utils.umap_embedding(x, seed=0)
 
 
-@pytest.mark.parametrize("method", ["umap_gmm", "gmm"])
-def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
+@pytest.mark.parametrize("method, threads", [("umap_gmm", 1), ("umap_gmm", 2), ("gmm", 2)])
+def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method, threads):
     x, y = planted(30, 8, 1.5)  # overlapping clusters: labels that depend on the seed
     filters = list(warnings.filters)
-    together = utils.labels_per_seed(x, method, [0, 1, 2], threads=2)
+    together = utils.labels_per_seed(x, method, [0, 1, 2], threads=threads)  # UMAP: one neighbour graph for all
     assert warnings.filters == filters  # UMAP's warning filter, set in threads, is undone
     assert len({labels.tobytes() for labels in together}) == 3  # so a swap of two seeds' results would show
     for seed, labels in zip([0, 1, 2], together):
@@ -185,8 +185,14 @@ def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
 def test_the_seeds_umaps_share_one_neighbour_graph(monkeypatch, threads):
     x, _ = planted(30, 8, 1.5)
     graphs, exact = [], utils.exact_neighbours
-    monkeypatch.setattr(utils, "exact_neighbours", lambda *a: graphs.append(a) or exact(*a))
+    monkeypatch.setattr(utils, "exact_neighbours", lambda *a, **k: graphs.append(a) or exact(*a, **k))
     assert len(utils.labels_per_seed(x, "umap_gmm", [0, 1, 2], threads=threads)) == 3 and len(graphs) == 1
+
+
+def test_umap_seeds_refuse_a_collapsed_code_before_searching_its_neighbours():
+    x = np.repeat(np.random.default_rng(0).normal(size=(20, 4)), 10, axis=0)
+    with pytest.raises(ValueError, match="20 distinct codes"):
+        utils.labels_per_seed(x, "umap_gmm", [0, 1], threads=2)
 
 
 def test_umaps_sgd_epoch_runs_without_the_gil_and_caches_under_its_own_name():
