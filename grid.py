@@ -184,17 +184,38 @@ def dask_executor(address):
 
 
 @contextmanager
+def sigint_ignored():
+    """Ctrl-C ignored in the block, and by every process started in it: exec keeps an ignored signal ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # only the main thread can set a handler; None: one set outside Python, which cannot be put back
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
 def pool_executor(workers):
     """-> a pool of `workers` spawned processes, which ignore Ctrl-C except while a member runs (sigint_raises)."""
     # spawn, not fork: a forked child would inherit torch's and OpenMP's thread pools in an undefined state
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+    # The pool starts a process per submit while it has fewer than `workers`: started here, with Ctrl-C ignored, they
+    # ignore it from their first instruction, not only from the initializer on. A Ctrl-C while they import the
+    # project (seconds) would otherwise print a KeyboardInterrupt traceback from each.
+    with sigint_ignored():
+        for _ in range(workers):
+            pool.submit(int)
     try:
         yield pool
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        for child in multiprocessing.active_children():  # the pool's processes: each stops its member cleanly
-            os.kill(child.pid, signal.SIGINT)
+        # SIGTERM, which a running member takes as Ctrl-C (data.sigterm_raises), and which ends at once a process that
+        # ignores Ctrl-C, idle or still importing, before it could take a member already queued for it.
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGTERM)
         raise
     finally:
         pool.shutdown(wait=True)

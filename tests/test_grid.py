@@ -184,6 +184,28 @@ def test_process_pool_stops_on_ctrl_c_then_finishes_with_identical_results(refer
     assert table(tmp_path) == table(reference)
 
 
+def pool_processes(pid):
+    """-> the pids of pid's children that are process-pool workers (not multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_ctrl_c_while_the_pool_processes_start_stops_quietly(tmp_path):
+    # Ctrl-C reaches the whole process group; pool processes still importing the project (seconds) must not print
+    # KeyboardInterrupt tracebacks, nor train the members queued for them after the grid has stopped.
+    argv = [str(a) for a in GRID + ["--workers", "2", "--out-dir", tmp_path]]
+    proc = subprocess.Popen([sys.executable, "demo_script.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals, start_new_session=True)
+    deadline = time.time() + 60
+    while len(pool_processes(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(0.5)  # into their imports: a signal before the interpreter sets its handlers just ends a process
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-1500:]
+    assert not list(tmp_path.rglob("checkpoint.pt"))  # no member trained an epoch after the Ctrl-C
+
+
 def run_or_be_killed(sub):
     """A member's run for the pool test, by module name in a pool process: β = 0.5, seed 1 dies of SIGKILL, as from
     the out-of-memory killer, every time it runs; the others return a stub of their metrics at once."""
