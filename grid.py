@@ -10,7 +10,7 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 from pathlib import Path
 
 import data
@@ -199,33 +199,36 @@ def sigint_ignored():
 @contextmanager
 def pool_executor(workers):
     """-> a pool of `workers` spawned processes, which ignore Ctrl-C except while a member runs (sigint_raises)."""
+    before = set(multiprocessing.active_children())
     # spawn, not fork: a forked child would inherit torch's and OpenMP's thread pools in an undefined state
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                   initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
-    # The pool starts a process per submit while it has fewer than `workers`: started here, with Ctrl-C ignored, they
-    # ignore it from their first instruction, not only from the initializer on. A Ctrl-C while they import the
-    # project (seconds) would otherwise print a KeyboardInterrupt traceback from each.
-    with sigint_ignored():
-        for _ in range(workers):
-            pool.submit(int)
     try:
+        # The pool starts a process per submit while it has fewer than `workers`: started here, with Ctrl-C ignored,
+        # they ignore it from their first instruction, not only from the initializer on. A Ctrl-C while they import
+        # the project (seconds) would otherwise print a KeyboardInterrupt traceback from each.
+        with sigint_ignored():
+            for _ in range(workers):
+                pool.submit(int)
         yield pool
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
-        # SIGTERM, which a running member takes as Ctrl-C (data.sigterm_raises), and which ends at once a process that
-        # ignores Ctrl-C, idle or still importing, before it could take a member already queued for it.
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signal.SIGTERM)
+        # SIGTERM ends at once a process that ignores Ctrl-C, idle or still importing, and a running member takes it as
+        # Ctrl-C (data.sigterm_raises), unless SIGTERM is ignored here and so in the pool: then Ctrl-C, as before.
+        stop = signal.SIGINT if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN else signal.SIGTERM
+        for child in set(multiprocessing.active_children()) - before:
+            with suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(child.pid, stop)
         raise
     finally:
         pool.shutdown(wait=True)
 
 
-def grid_executor(args):
-    """-> a context manager giving this command line's executor: in-process, a process pool, or Dask's."""
+def grid_executor(args, members):
+    """-> a context manager giving this command line's executor for `members` runs: in-process, a pool or Dask's."""
     if args.scheduler:
         return dask_executor(args.scheduler)
-    return pool_executor(args.workers) if args.workers else nullcontext(InlineExecutor())
+    return pool_executor(min(args.workers, members)) if args.workers else nullcontext(InlineExecutor())
 
 
 def killed_while_running(members, since):
@@ -243,6 +246,23 @@ def killed_while_running(members, since):
     return [m for m in members if left(m)]
 
 
+def ended(executor, members, slots, *args):
+    """Yield (member, its future) as each ends, no more than `slots` handed to the executor at a time: a process pool
+    queues one member more than it runs, and a queued member cannot be cancelled, so it would train after a Ctrl-C."""
+    waiting, futures = list(members), {}
+    while waiting or futures:
+        while waiting and len(futures) < slots:
+            m = waiting.pop(0)
+            try:
+                futures[executor.submit(grid_member, m, *args)] = m
+            except cf.BrokenExecutor as e:  # the pool broke meanwhile: this member is reported as the ones it held
+                failed = cf.Future()
+                failed.set_exception(e)
+                futures[failed] = m
+        future = next(cf.as_completed(futures))
+        yield futures.pop(future), future
+
+
 def run_members(members, args, run, defaults):
     """Every member through the executor -> ({name: metrics}, {name: one-line error}); a member that another command
     holds is passed over, then waited for once the rest are done; a broken pool is replaced, and a member whose
@@ -252,20 +272,19 @@ def run_members(members, args, run, defaults):
     results, errors, todo, wait, kills, blind = {}, {}, list(members), False, {}, 0
     while todo and blind < POOL_ATTEMPTS:
         finished = len(results)
-        with grid_executor(args) as executor:
-            start = time.time()
-            futures = {executor.submit(grid_member, m, run, defaults, bool(args.workers), wait): m for m in todo}
-            todo, broken = [], []
-            for future in cf.as_completed(futures):
-                name = member_name(futures[future])
+        with grid_executor(args, len(todo)) as executor:
+            start, pending, todo, broken = time.time(), todo, [], []
+            slots = args.workers or len(pending)  # Dask cancels what it queued; in-process, a member runs at submit
+            for m, future in ended(executor, pending, slots, run, defaults, bool(args.workers), wait):
+                name = member_name(m)
                 try:
                     results[name] = future.result()
                     print(f"{name}: done ({len(results)} of {len(members)})", flush=True)
                 except data.FolderBusy:
-                    todo.append(futures[future])
+                    todo.append(m)
                     print(f"{name}: another run holds it; it is waited for after the others", flush=True)
                 except cf.BrokenExecutor:  # a pool process died, and with it every member the pool still held
-                    broken.append(futures[future])
+                    broken.append(m)
                 except Exception as e:
                     errors[name] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
                     print(f"{name}: failed: {errors[name]}", file=sys.stderr, flush=True)

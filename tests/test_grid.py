@@ -1,4 +1,5 @@
 """The β × training-seed grid through each executor: in-process, a process pool, a Dask cluster; faults and tables."""
+import contextlib
 import json
 import math
 import os
@@ -190,20 +191,39 @@ def pool_processes(pid):
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
 def test_ctrl_c_while_the_pool_processes_start_stops_quietly(tmp_path):
     # Ctrl-C reaches the whole process group; pool processes still importing the project (seconds) must not print
     # KeyboardInterrupt tracebacks, nor train the members queued for them after the grid has stopped.
     argv = [str(a) for a in GRID + ["--workers", "2", "--out-dir", tmp_path]]
     proc = subprocess.Popen([sys.executable, "demo_script.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=default_signals, start_new_session=True)
-    deadline = time.time() + 60
-    while len(pool_processes(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.5)  # into their imports: a signal before the interpreter sets its handlers just ends a process
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while len(pool_processes(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(0.5)  # into their imports: a signal before the interpreter sets its handlers just ends a process
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-1500:]
     assert not list(tmp_path.rglob("checkpoint.pt"))  # no member trained an epoch after the Ctrl-C
+
+
+def test_ctrl_c_mid_grid_starts_no_member_after_those_running(tmp_path):
+    # A process pool queues one member more than it runs, and a queued member cannot be cancelled: the grid hands
+    # over no more members than it has processes, so that none trains after the Ctrl-C.
+    argv = [str(a) for a in GRID + ["--workers", "2", "--out-dir", tmp_path]]
+    proc = subprocess.Popen([sys.executable, "demo_script.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
+    while not list(tmp_path.rglob("checkpoint.pt")) and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    started = {p.parent for p in tmp_path.glob("grid/*/*/loss.txt")} | {p.parent for p in tmp_path.rglob("checkpoint.pt")}
+    assert proc.returncode == 130 and len(started) <= 2, (started, stderr[-1500:])
 
 
 def run_or_be_killed(sub):
