@@ -123,12 +123,13 @@ def finished_metrics(sub, defaults):
 
 
 @contextmanager
-def sigint_raises():
-    """Ctrl-C raises KeyboardInterrupt in the block, also in a pool process that ignores it between members."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # a Dask task's thread: only the main thread can set a handler, and Dask owns it
+def sigint_handled(handler):
+    """Ctrl-C goes to `handler` in the block: default_int_handler raises KeyboardInterrupt, also in a pool process that
+    ignores it between members; SIG_IGN also holds for every process started in the block (exec keeps an ignore)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # a Dask task's thread: only the main thread can set a handler; None: one set outside Python
         return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
@@ -142,7 +143,7 @@ def grid_member(sub, run, defaults, log_to_file=False, wait=True):
     then read back or resumed; Ctrl-C and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its
     stdout.txt, not the terminal."""
     utils.limit_threads(sub.threads)
-    with sigint_raises(), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
+    with sigint_handled(signal.default_int_handler), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
         if metrics:
             return metrics
@@ -184,21 +185,8 @@ def dask_executor(address):
 
 
 @contextmanager
-def sigint_ignored():
-    """Ctrl-C ignored in the block, and by every process started in it: exec keeps an ignored signal ignored."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # only the main thread can set a handler; None: one set outside Python, which cannot be put back
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-@contextmanager
 def pool_executor(workers):
-    """-> a pool of `workers` spawned processes, which ignore Ctrl-C except while a member runs (sigint_raises)."""
+    """-> a pool of `workers` spawned processes, which ignore Ctrl-C except while a member runs (grid_member)."""
     before = set(multiprocessing.active_children())
     # spawn, not fork: a forked child would inherit torch's and OpenMP's thread pools in an undefined state
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -207,7 +195,7 @@ def pool_executor(workers):
         # The pool starts a process per submit while it has fewer than `workers`: started here, with Ctrl-C ignored,
         # they ignore it from their first instruction, not only from the initializer on. A Ctrl-C while they import
         # the project (seconds) would otherwise print a KeyboardInterrupt traceback from each.
-        with sigint_ignored():
+        with sigint_handled(signal.SIG_IGN):
             for _ in range(workers):
                 pool.submit(int)
         yield pool
