@@ -39,10 +39,8 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser():
-    """-> the command line, pytorch/examples style: every help text states its default."""
-    p = OneLineParser(prog="demo_script.py", description="Beta-VAE on MNIST with latent-space analysis")
-    a = p.add_argument
+def add_model_flags(a):
+    """The network, its loss and its optimiser, through add_argument `a`."""
     a("--epochs", type=int, default=30, help="number of epochs to train (default: 30)")
     a("--batch-size", type=int, default=128, help="input batch size for training (default: 128)")
     a("--latent-dim", type=int, default=10, help="size of the latent code z (default: 10)")
@@ -62,11 +60,18 @@ def build_parser():
     a("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     a("--lr-schedule", choices=["constant", "cosine"], default="cosine",
       help="learning-rate schedule over the run (default: cosine)")
+
+
+def add_run_flags(a):
+    """Seed, hardware, data and files, through add_argument `a`."""
     a("--seed", type=int, default=20, help="random seed: training, z draws, clustering, DCI's split (default: 20)")
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto",
       help="training precision; bf16 autocasts the network's matrix products, and evaluation and analysis stay fp32; "
            "auto: bf16 where the CPU (oneDNN) or GPU supports it, else fp32 (default: auto)")
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    a("--threads", type=int, default=None, metavar="N",
+      help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
+           "cores when sequential, cores // N with --workers N, 1 per model with --scheduler)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
     a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., and "
@@ -74,6 +79,16 @@ def build_parser():
     a("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     a("--binarize", action="store_true", help="dynamically binarized MNIST (Burda et al. 2016): each training batch "
                                               "re-sampled as Bernoulli(x), one fixed binary test set (default: off)")
+    a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
+    a("--no-progress", action="store_true", help="hide the tqdm bars (default: shown)")
+    a("--tensorboard", action="store_true", help="also log scalars, digit grids and hparams to OUT_DIR/tensorboard "
+                                                 "(default: off)")
+    a("--quick", action="store_true", help="the real pipeline at small sizes: " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "; flags given explicitly win (default: off)")
+
+
+def add_analysis_flags(a):
+    """Evaluation and latent-space analysis, through add_argument `a`."""
     a("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images only (default: all)")
     a("--tsne-points", type=int, default=None,
       help="t-SNE on the first N test images (default: 10000, or --test-limit when smaller)")
@@ -82,9 +97,12 @@ def build_parser():
     a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s of one core each, side by side "
                                                 "on the run's cores (a machine's first UMAP also compiles numba code "
                                                 "once); 0 skips UMAP (default: 2)")
-    a("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt (default: off)")
     a("--analyze-only", metavar="PATH", default=None,
       help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
+
+
+def add_grid_flags(a):
+    """The beta x training-seed grid and where it runs, through add_argument `a`."""
     a("--beta-sweep", type=float, nargs="+", default=None, metavar="BETA",
       help="one model per beta (and training seed) in OUT_DIR/grid/beta_<b>/seed_<s>/, compared in "
            "beta_sweep.txt (default: off)")
@@ -95,14 +113,14 @@ def build_parser():
       help="run the grid's models in N local processes (default: one after another in this process)")
     a("--scheduler", default=None, metavar="ADDRESS",
       help="run the grid's models on a running Dask scheduler, e.g. tcp://127.0.0.1:8786 (default: off)")
-    a("--threads", type=int, default=None, metavar="N",
-      help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
-           "cores when sequential, cores // N with --workers N, 1 per model with --scheduler)")
-    a("--no-progress", action="store_true", help="hide the tqdm bars (default: shown)")
-    a("--tensorboard", action="store_true", help="also log scalars, digit grids and hparams to OUT_DIR/tensorboard "
-                                                 "(default: off)")
-    a("--quick", action="store_true", help="the real pipeline at small sizes: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "; flags given explicitly win (default: off)")
+
+
+def build_parser():
+    """-> the command line, pytorch/examples style: every help text states its default; --help shows four groups."""
+    p = OneLineParser(prog="demo_script.py", description="Beta-VAE on MNIST with latent-space analysis")
+    for title, add_flags in [("model and training", add_model_flags), ("run", add_run_flags),
+                             ("evaluation and analysis", add_analysis_flags), ("beta x seed grid", add_grid_flags)]:
+        add_flags(p.add_argument_group(title).add_argument)
     return p
 
 
@@ -124,14 +142,14 @@ def folder_write_error(path):
 LARGEST_WEIGHT = 1e6
 
 
-def invalid_flag(args):
-    """-> a message naming the first flag outside its valid range, or None. Leaves no file behind."""
+def range_checks(args):
+    """-> [(ok, message)], one per flag whose value must lie in a range."""
     n_train, n_test = data.DATASETS[args.dataset]["n_train"], 10000
     floats = ["beta_max", "free_bits", "lr", "cycle_ratio", "gamma", "capacity_max"]
     checks = [(math.isfinite(getattr(args, f)), f"--{f.replace('_', '-')} must be a finite number") for f in floats]
     checks += [(0 <= getattr(args, f) <= LARGEST_WEIGHT, f"--{f.replace('_', '-')} must be between 0 and "
                 f"{LARGEST_WEIGHT:,.0f}") for f in ("beta_max", "free_bits", "gamma", "capacity_max")]
-    checks += [
+    return checks + [
         (args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.latent_dim >= 1, "--latent-dim must be >= 1"), (min(args.hidden) >= 1, "--hidden sizes must be >= 1"),
         (args.lr > 0, "--lr must be > 0"), (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"),
@@ -147,24 +165,35 @@ def invalid_flag(args):
         (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),
         (args.beta_sweep is None or all(0 <= b <= LARGEST_WEIGHT for b in args.beta_sweep),
          f"--beta-sweep values must be between 0 and {LARGEST_WEIGHT:,.0f}"),
-        (args.beta_sweep is None or len({f"{b:g}" for b in args.beta_sweep}) == len(args.beta_sweep),
-         "--beta-sweep values must be distinct"),
         (args.train_seeds is None or all(0 <= s < 2 ** 32 for s in args.train_seeds),
          "--train-seeds must be in [0, 2^32)"),
-        (args.train_seeds is None or len(set(args.train_seeds)) == len(args.train_seeds),
-         "--train-seeds must be distinct"),
-        (not ((args.beta_sweep or args.train_seeds) and (args.resume or args.analyze_only)),
-         "--beta-sweep and --train-seeds resume by themselves and cannot be combined with --resume or --analyze-only"),
         (args.workers is None or args.workers >= 1, "--workers must be >= 1"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
+    ]
+
+
+def combination_checks(args):
+    """-> [(ok, message)], one per pair of flags that cannot go together or value that cannot repeat."""
+    grid_run = args.beta_sweep or args.train_seeds
+    return [
+        (args.beta_sweep is None or len({f"{b:g}" for b in args.beta_sweep}) == len(args.beta_sweep),
+         "--beta-sweep values must be distinct"),
+        (args.train_seeds is None or len(set(args.train_seeds)) == len(args.train_seeds),
+         "--train-seeds must be distinct"),
+        (not (grid_run and (args.resume or args.analyze_only)),
+         "--beta-sweep and --train-seeds resume by themselves and cannot be combined with --resume or --analyze-only"),
         (not (args.workers and args.scheduler), "--workers and --scheduler cannot be combined"),
-        (not ((args.workers or args.scheduler) and not (args.beta_sweep or args.train_seeds)),
+        (not ((args.workers or args.scheduler) and not grid_run),
          "--workers and --scheduler run a grid: give --beta-sweep or --train-seeds"),
         (not (args.resume and args.analyze_only), "--resume and --analyze-only cannot be combined"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            return msg
+
+
+def invalid_flag(args):
+    """-> a message naming the first flag outside its valid range, or None. Leaves no file behind."""
+    problem = next((msg for ok, msg in range_checks(args) + combination_checks(args) if not ok), None)
+    if problem:
+        return problem
     try:
         utils.resolve_precision(args.precision, utils.resolve_device(args.device))
     except ValueError as e:

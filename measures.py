@@ -626,7 +626,7 @@ def analysis_figures(model, test_x, y, mu, kl_active, emb, pred, traversal, fact
         utils.plot_embedding(emb, pred[:len(emb)], samples / "kmean.png", "KMeans (k=10) on latent means, "
                              "Hungarian-relabelled clusters, drawn on the t-SNE map", [f"cluster→{c}" for c in classes])
     if pred is not None:
-        utils.plot_confusion(y, pred, samples / "confusion.png", classes)
+        utils.plot_confusion(y, pred, samples / "confusion.png", classes, "KMeans on latent means")
     gen = torch.Generator(device=test_x.device).manual_seed(args.seed)
     utils.image_grid(model.sample(100, generator=gen), samples / "generated_num.png", nrow=10)
     x_hat = utils.reconstruct(model, test_x[:50])

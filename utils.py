@@ -160,6 +160,24 @@ def make_optimizer(model, lr):
         return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
+def step_weights(n, batch_size):
+    """-> (steps, 3) float64 weights of each step's (recon, kl, grad norm): its batch's size twice, then 1."""
+    steps = math.ceil(n / batch_size)
+    weights = torch.ones(steps, 3, dtype=torch.float64, device="cpu")
+    weights[:, :2] = batch_size
+    weights[-1, :2] = n - (steps - 1) * batch_size
+    return weights
+
+
+def finite_rows(rows, epoch, done):
+    """rows: list of b (recon, kl, grad_norm, loss) 0-d tensors -> (b, 4) float64 on the CPU, or NonFiniteLoss."""
+    block = torch.stack([torch.stack(col) for col in zip(*rows)], dim=1).cpu().double()
+    bad = (~block.isfinite().all(1)).nonzero()
+    if bad.numel():  # batches count from 1, across the blocks already summed (`done` steps)
+        raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {done + int(bad[0]) + 1}")
+    return block
+
+
 def train_epoch(model, opt, x, args, epoch, show_progress=True):
     """One pass over x: (N, 784) on the model's device -> dict of mean total, recon, kl, grad_norm."""
     model.train()
@@ -171,9 +189,7 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
     # Every 50 steps they are stacked and copied to the host once (the NaN/inf check, which names the first bad
     # batch, syncs there anyway), then summed in float64, which MPS lacks, with weights (batch size, batch size, 1)
     # so that recon and kl average over images and the norm over steps.
-    weights = torch.ones(steps, 3, dtype=torch.float64, device="cpu")
-    weights[:, :2] = bs
-    weights[-1, :2] = n - (steps - 1) * bs
+    weights = step_weights(n, bs)
     rows, done, sums = [], 0, torch.zeros(3, dtype=torch.float64, device="cpu")
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{args.epochs}", leave=False, disable=not show_progress)
     for i in bar:
@@ -196,11 +212,7 @@ def train_epoch(model, opt, x, args, epoch, show_progress=True):
         opt.step()
         rows.append((recon.detach(), kl.detach(), gnorm, loss.detach()))
         if i % 50 == 49 or i == steps - 1:
-            block = torch.stack([torch.stack(col) for col in zip(*rows)], dim=1).cpu().double()  # (steps since, 4)
-            bad = (~block.isfinite().all(1)).nonzero()
-            if bad.numel():
-                raise NonFiniteLoss(f"non-finite loss or gradient at epoch {epoch}, batch {done + int(bad[0]) + 1}")
-            sums += (block[:, :3] * weights[done:i + 1]).sum(0)
+            sums += (finite_rows(rows, epoch, done)[:, :3] * weights[done:i + 1]).sum(0)
             rows, done = [], i + 1
             bar.set_postfix(loss=f"{(sums[0] + sums[1]).item() / min(n, done * bs):.2f}")
     recon, kl, gnorm = (sums / sums.new_tensor([n, n, steps])).tolist()
@@ -629,8 +641,8 @@ def plot_embedding(points, labels, path, title, names):
     return save_figure(fig, path)
 
 
-def plot_confusion(y_true, y_pred, path, names):
-    """y_true, y_pred: (N,) -> confusion matrix of true class against relabelled cluster, with counts."""
+def plot_confusion(y_true, y_pred, path, names, method):
+    """y_true, y_pred: (N,) -> confusion matrix of true class against `method`'s relabelled clusters, with counts."""
     cm = confusion_matrix(y_true, y_pred, labels=np.arange(len(names)))
     fig = Figure(figsize=(7, 6))
     ax = fig.subplots()
@@ -639,7 +651,7 @@ def plot_confusion(y_true, y_pred, path, names):
         ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
                 color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="cluster (Hungarian-relabelled)",
-           ylabel="true class", title=f"KMeans on latent means: ACC {np.mean(y_true == y_pred):.3f}")
+           ylabel="true class", title=f"{method}: ACC {np.mean(y_true == y_pred):.3f}")
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
     ax.set_yticklabels(names, fontsize=7)
     return save_figure(fig, path)
