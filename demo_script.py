@@ -63,7 +63,7 @@ def add_model_flags(a):
 
 
 def add_run_flags(a):
-    """Seed, hardware, data and files, through add_argument `a`."""
+    """Seed, hardware, data, files, resuming and output, through add_argument `a`."""
     a("--seed", type=int, default=20, help="random seed: training, z draws, clustering, DCI's split (default: 20)")
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto",
       help="training precision; bf16 autocasts the network's matrix products, and evaluation and analysis stay fp32; "
@@ -142,8 +142,8 @@ def folder_write_error(path):
 LARGEST_WEIGHT = 1e6
 
 
-def range_checks(args):
-    """-> [(ok, message)], one per flag whose value must lie in a range."""
+def value_checks(args):
+    """-> [(ok, message)] for each flag's own value: finite, within bounds (some bounds are other flags), distinct."""
     n_train, n_test = data.DATASETS[args.dataset]["n_train"], 10000
     floats = ["beta_max", "free_bits", "lr", "cycle_ratio", "gamma", "capacity_max"]
     checks = [(math.isfinite(getattr(args, f)), f"--{f.replace('_', '-')} must be a finite number") for f in floats]
@@ -165,21 +165,21 @@ def range_checks(args):
         (0 <= args.seed < 2 ** 32, "--seed must be in [0, 2^32)"),
         (args.beta_sweep is None or all(0 <= b <= LARGEST_WEIGHT for b in args.beta_sweep),
          f"--beta-sweep values must be between 0 and {LARGEST_WEIGHT:,.0f}"),
+        (args.beta_sweep is None or len({f"{b:g}" for b in args.beta_sweep}) == len(args.beta_sweep),
+         "--beta-sweep values must be distinct"),
         (args.train_seeds is None or all(0 <= s < 2 ** 32 for s in args.train_seeds),
          "--train-seeds must be in [0, 2^32)"),
+        (args.train_seeds is None or len(set(args.train_seeds)) == len(args.train_seeds),
+         "--train-seeds must be distinct"),
         (args.workers is None or args.workers >= 1, "--workers must be >= 1"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]
 
 
 def combination_checks(args):
-    """-> [(ok, message)], one per pair of flags that cannot go together or value that cannot repeat."""
+    """-> [(ok, message)], one per set of flags that cannot go together."""
     grid_run = args.beta_sweep or args.train_seeds
     return [
-        (args.beta_sweep is None or len({f"{b:g}" for b in args.beta_sweep}) == len(args.beta_sweep),
-         "--beta-sweep values must be distinct"),
-        (args.train_seeds is None or len(set(args.train_seeds)) == len(args.train_seeds),
-         "--train-seeds must be distinct"),
         (not (grid_run and (args.resume or args.analyze_only)),
          "--beta-sweep and --train-seeds resume by themselves and cannot be combined with --resume or --analyze-only"),
         (not (args.workers and args.scheduler), "--workers and --scheduler cannot be combined"),
@@ -190,8 +190,8 @@ def combination_checks(args):
 
 
 def invalid_flag(args):
-    """-> a message naming the first flag outside its valid range, or None. Leaves no file behind."""
-    problem = next((msg for ok, msg in range_checks(args) + combination_checks(args) if not ok), None)
+    """-> a message naming the first invalid flag (its value, its company, the device, checkpoint or --out-dir), or None."""
+    problem = next((msg for ok, msg in value_checks(args) + combination_checks(args) if not ok), None)
     if problem:
         return problem
     try:
@@ -203,7 +203,7 @@ def invalid_flag(args):
     problem = folder_write_error(args.out_dir)
     if problem:
         return f"--out-dir {args.out_dir} cannot be written to ({problem})"
-    return None
+    return None  # and no file left behind: folder_write_error undoes what it made
 
 
 def parse_args(argv=None):
@@ -215,7 +215,8 @@ def parse_args(argv=None):
         args = parser.parse_args(argv)
     # Defaults that follow other flags: analysing another run's checkpoint never overwrites the reference run in .
     args.out_dir = args.out_dir or (str(Path(args.analyze_only).parent) if args.analyze_only else ".")
-    args.tsne_points = args.tsne_points or min(10000, args.test_limit or 10000)
+    if args.tsne_points is None:  # not `or`: an explicit 0 is out of range, not the default
+        args.tsne_points = min(10000, args.test_limit or 10000)
     msg = invalid_flag(args)
     if msg:
         parser.error(msg)
