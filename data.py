@@ -144,7 +144,7 @@ def atomic_save(path, write):
 
 def write_text(path, text):
     """Atomically replace a text file."""
-    atomic_save(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_save(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # its β and ± in any locale
 
 
 def write_json(path, obj):
@@ -163,7 +163,11 @@ def locked_descriptor(path, wait):
     """-> an open descriptor of `path` (made if missing) holding its exclusive flock; FolderBusy if another process
     holds it and not wait, else waits for it."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the holder we waited for removed the folder it had made and left empty
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:

@@ -74,8 +74,8 @@ def add_run_flags(a):
            "cores when sequential, cores // N with --workers N, 1 per model with --scheduler)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
-    a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., and "
-                                      "the checkpoint's own folder with --analyze-only)")
+    a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., "
+                                      "runs/quick with --quick, the checkpoint's own folder with --analyze-only)")
     a("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     a("--binarize", action="store_true", help="dynamically binarized MNIST (Burda et al. 2016): each training batch "
                                               "re-sampled as Bernoulli(x), one fixed binary test set (default: off)")
@@ -91,7 +91,7 @@ def add_analysis_flags(a):
     """Evaluation and latent-space analysis, through add_argument `a`."""
     a("--test-limit", type=int, default=None, help="evaluate and analyse the first N test images only (default: all)")
     a("--tsne-points", type=int, default=None,
-      help="t-SNE on the first N test images (default: 10000, or --test-limit when smaller)")
+      help="t-SNE on the first N test images (default: 10000, 300 with --quick, or --test-limit when smaller)")
     a("--iw-samples", type=int, default=100, help="importance samples K for log p(x), at least 2 (default: 100)")
     a("--kmeans-seeds", type=int, default=5, help="clustering runs per method, at least 2 (default: 5)")
     a("--umap-seeds", type=int, default=2, help="UMAP + Gaussian mixture runs, ~15 s of one core each, side by side "
@@ -211,12 +211,14 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # the quick sizes become the defaults, so that a flag given explicitly still wins
-        parser.set_defaults(**QUICK)
+        parser.set_defaults(**{k: v for k, v in QUICK.items() if k not in ("out_dir", "tsne_points")})
         args = parser.parse_args(argv)
     # Defaults that follow other flags: analysing another run's checkpoint never overwrites the reference run in .
-    args.out_dir = args.out_dir or (str(Path(args.analyze_only).parent) if args.analyze_only else ".")
+    if args.out_dir is None:
+        args.out_dir = (str(Path(args.analyze_only).parent) if args.analyze_only
+                        else QUICK["out_dir"] if args.quick else ".")
     if args.tsne_points is None:  # not `or`: an explicit 0 is out of range, not the default
-        args.tsne_points = min(10000, args.test_limit or 10000)
+        args.tsne_points = min(QUICK["tsne_points"] if args.quick else 10000, args.test_limit or 10000)
     msg = invalid_flag(args)
     if msg:
         parser.error(msg)
@@ -301,7 +303,7 @@ def checked_state(args):
     state = utils.load_checkpoint(path)
     if not {"optimizer", "history", "torch_rng", "numpy_rng", "python_rng"} <= set(state):
         raise utils.CheckpointError(f"{path} holds no training state to resume from")
-    mismatch = utils.config_mismatch(with_defaults(state["config"]), vars(args), utils.RUN_FIELDS)
+    mismatch = utils.config_mismatch(with_defaults(state["config"]), vars(args), utils.RESUME_FIELDS)
     if mismatch:
         raise utils.CheckpointError(mismatch)
     return state
@@ -334,7 +336,7 @@ def trained_model(cfg, state, split, writer, timings):
     model = BetaVAE(model_config(vars(cfg))).to(test_x.device)
     if cfg.analyze_only:
         model.load_state_dict(state["model"])
-        return model, state["history"]
+        return model, state.get("history", [])  # a checkpoint may hold weights and config alone
     opt = utils.make_optimizer(model, cfg.lr)
     history, start = resume_from(state, model, opt) if state else ([], 1)
     if state:

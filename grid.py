@@ -106,13 +106,13 @@ def finished_metrics(sub, defaults):
     path, checkpoint = Path(sub.out_dir) / "metrics.json", Path(sub.out_dir) / "checkpoint.pt"
     if path.is_file():
         try:  # a copy cut short, a hand edit: named in one line, not a traceback
-            metrics, fields = json.loads(path.read_text()), utils.RUN_FIELDS + MEASURE_FIELDS
+            metrics, fields = json.loads(path.read_text(encoding="utf-8")), utils.RUN_FIELDS + MEASURE_FIELDS
             saved = dict(metrics["config"])
         except (ValueError, KeyError, TypeError) as e:
             raise utils.CheckpointError(f"{path} is damaged or not this project's ({type(e).__name__}); delete it "
                                         "and the grid measures that member again") from None
     elif checkpoint.is_file():  # stopped: checked now, not when the pool reaches it after the others have trained
-        metrics, fields, path = None, utils.RUN_FIELDS, checkpoint
+        metrics, fields, path = None, utils.RESUME_FIELDS, checkpoint
         saved = utils.load_checkpoint(checkpoint)["config"]
     else:
         return None
@@ -149,7 +149,7 @@ def grid_member(sub, run, defaults, log_to_file=False, wait=True):
             return metrics
         out, sub = Path(sub.out_dir), copy.copy(sub)
         sub.resume = (out / "checkpoint.pt").is_file()
-        log = open(out / "stdout.txt", "a") if log_to_file else nullcontext(sys.stdout)
+        log = open(out / "stdout.txt", "a", encoding="utf-8") if log_to_file else nullcontext(sys.stdout)
         with log as stream, redirect_stdout(stream):
             return run(sub)  # run() takes no lock itself: a second flock here, even in this process, waits forever
 
@@ -169,7 +169,7 @@ def dask_executor(address):
     from distributed import Client  # imported only here: --scheduler is the one user of Dask
     try:
         client = Client(address, timeout="10s")
-    except (OSError, TimeoutError) as e:
+    except (OSError, TimeoutError, ValueError) as e:  # ValueError: a malformed address (a port that is no number)
         raise GridError(f"--scheduler {address}: {e}") from None
     with client:
         try:

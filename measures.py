@@ -346,7 +346,7 @@ def morphometrics(images, workers=None):
 def read_morphometrics_cache(path, md5, n):
     """-> the first n rows (n, 6) of a cache written for the image file with this md5, or None if unusable."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
         cached = int(lines[0].removeprefix(f"# morphometrics v{MORPHO_VERSION} md5={md5} n="))
         table = np.array([ln.split(",") for ln in lines[2:2 + n]], dtype=np.float64).reshape(-1, 1 + len(FACTORS))
     except (OSError, ValueError, IndexError, UnicodeDecodeError):  # missing, foreign (another md5) or mangled
@@ -464,6 +464,8 @@ def disentanglement(codes, factors, n_train, threads=None, seed=0):
     DCI trains on n_train rows drawn at random with seed and scores on the rest."""
     averaged = [FACTORS.index(name) for name in AVERAGED]
     gaps, mi = mig(codes, factors)
+    if np.isnan(gaps).any():  # else a NaN in metrics.json, which strict JSON parsers reject; raised: the block is null
+        raise ValueError(f"factor {FACTORS[int(np.argmax(np.isnan(gaps)))]} is constant on these images: no MIG")
     sap_gaps, _ = sap(codes, factors)
     # at random, not in order: MNIST's first 5,000 test digits are NIST's training writers, cleaner than the last
     # 5,000 (LeCun et al.'s MNIST page), so an ordered split would score the trees on another population

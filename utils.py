@@ -387,6 +387,8 @@ def load_checkpoint(path):
 RUN_FIELDS = ("dataset", "latent_dim", "hidden", "loss", "epochs", "batch_size", "limit", "beta_max", "schedule",
               "warmup_epochs", "cycles", "cycle_ratio", "gamma", "capacity_max", "free_bits", "lr", "lr_schedule",
               "seed", "binarize", "precision")
+# ... and what a resumed run must keep too: the test images that loss.txt's Test -ELBO column scores every epoch.
+RESUME_FIELDS = RUN_FIELDS + ("test_limit",)
 
 
 def config_mismatch(saved, requested, fields, holder="checkpoint"):

@@ -101,6 +101,9 @@ def test_defaults_that_follow_other_flags(tmp_path):
     ckpt.write_bytes(b"")
     assert parse("--analyze-only", ckpt).out_dir == str(ckpt.parent)  # never . , the reference run's folder
     assert parse("--analyze-only", ckpt, "--out-dir", tmp_path / "b").out_dir == str(tmp_path / "b")
+    # --quick's sizes are defaults like these: they follow --test-limit and --analyze-only too
+    assert parse("--quick", "--test-limit", 200, "--out-dir", tmp_path).tsne_points == 200
+    assert parse("--quick", "--analyze-only", ckpt).out_dir == str(ckpt.parent)
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
@@ -196,10 +199,13 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, quick_run, capsys):
     assert "truncated or corrupt" in err and "Traceback" not in err
 
 
-def test_resume_with_a_different_model_names_the_field(tmp_path, quick_run, capsys):
+# a resumed run's loss.txt would mix two models, or score its Test -ELBO column on two test sets
+@pytest.mark.parametrize("flags, field", [(["--latent-dim", "4"], "latent_dim"), (["--test-limit", "500"], "test_limit")])
+def test_resume_with_a_different_model_or_test_set_names_the_field(flags, field, tmp_path, quick_run, capsys):
     (tmp_path / "checkpoint.pt").write_bytes((quick_run / "checkpoint.pt").read_bytes())
-    assert run_cli(QUICK + ["--epochs", "2", "--latent-dim", "4", "--resume", "--out-dir", tmp_path]) == 2
-    assert "latent_dim" in capsys.readouterr().err
+    argv = QUICK + ["--epochs", "2", "--precision", "bf16", *flags, "--tsne-points", "300", "--resume", "--out-dir", tmp_path]
+    assert run_cli(argv) == 2
+    assert f"checkpoint has {field}=" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
 
 
@@ -238,12 +244,23 @@ def test_a_bf16_run_records_it_evaluates_in_fp32_and_refuses_to_resume_in_fp32(q
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
 
 
-def test_resuming_the_committed_weights_only_checkpoint_exits_2_and_writes_nothing(tmp_path, capsys):
-    (tmp_path / "checkpoint.pt").write_bytes((ROOT / "checkpoint.pt").read_bytes())  # weights, config, history only
+@pytest.mark.parametrize("committed", ["checkpoint.pt", "likelihood/z10/checkpoint.pt", "likelihood/z50/checkpoint.pt"])
+def test_resuming_a_committed_weights_only_checkpoint_exits_2_and_writes_nothing(committed, tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_bytes((ROOT / committed).read_bytes())  # weights, config, history only
     assert run_cli(["--resume", "--out-dir", tmp_path, "--data-dir", tmp_path / "data"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no training state to resume from" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_analyze_only_takes_a_checkpoint_of_weights_and_config_alone(tmp_path):
+    state = utils.load_checkpoint(ROOT / "checkpoint.pt")
+    utils.save_checkpoint(tmp_path / "bare.pt", {k: state[k] for k in ("model", "config", "epoch")})  # no history
+    args = demo_script.parse_args(["--analyze-only", str(tmp_path / "bare.pt")])
+    bare = demo_script.checked_state(args)
+    split = (None, None, torch.zeros(2, 784), torch.zeros(2, dtype=torch.long))
+    model, history = demo_script.trained_model(demo_script.analysis_config(bare, args), bare, split, None, {})
+    assert history == [] and torch.equal(model.state_dict()["decoder.0.weight"], state["model"]["decoder.0.weight"])
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_exits_2_before_reading_data(tmp_path, capsys):

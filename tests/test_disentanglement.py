@@ -327,6 +327,22 @@ def test_degenerate_codes_do_not_crash():
         measures.dci_importances(codes[:11], factors[:11], 10)
 
 
+def test_mig_divides_by_the_factors_entropy_not_by_log_bins():
+    factor = (np.arange(400) % 10 < 3).astype(np.float64)  # two values, 30% ones: H = 0.611 nats, log 20 = 3.00
+    gaps, mi = measures.mig(factor[:, None], factor[:, None])  # the code copies it: I(z; v) = H(v), gap over 0
+    assert np.isclose(mi[0, 0], entropy([0.7, 0.3])) and np.isclose(gaps[0], 1.0)
+
+
+def test_a_constant_factor_nulls_the_disentanglement_block_with_its_reason():
+    factors = uniform_factors(400, len(measures.FACTORS))
+    factors[:, measures.FACTORS.index("slant")] = 0.25
+    with pytest.raises(ValueError, match="factor slant is constant"):
+        measures.disentanglement(factors[:, :3], factors, 200)
+    unavailable = {}
+    assert measures.measure_or_null(unavailable, "disentanglement", measures.disentanglement, factors[:, :3],
+                                    factors, 200) is None and "slant is constant" in unavailable["disentanglement"]
+
+
 def test_sap_scores_the_r2_of_each_one_code_linear_regression_and_its_top_two_gap():
     factors = uniform_factors(500, 3, seed=12)
     codes = factors @ np.random.default_rng(13).normal(size=(3, 4)) + np.random.default_rng(14).normal(size=(500, 4))

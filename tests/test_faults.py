@@ -129,6 +129,32 @@ def test_a_waiting_lock_is_granted_when_its_holder_lets_go(tmp_path):
     assert len(acquired) == 1 and acquired[0] >= released
 
 
+def test_text_files_are_written_in_utf8_whatever_the_locale(tmp_path):
+    path = tmp_path / "loss.txt"  # its β, and beta_sweep.txt's ±, in an ASCII locale with UTF-8 mode off
+    code = f"import data; data.write_text({str(path)!r}, '\\u03b2 \\u00b1')"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    subprocess.run([sys.executable, "-X", "utf8=0", "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert path.read_bytes() == "β ±".encode("utf-8")
+
+
+def test_a_waiting_lock_is_granted_when_its_holder_removes_the_folder_it_left_empty(tmp_path):
+    folder, outcome = tmp_path / "grid" / "member", []  # a grid member whose first holder failed before writing
+
+    def waiter():
+        try:
+            with data.folder_lock(folder, wait=True):
+                outcome.append("held")
+        except Exception as e:  # before the fix: FileNotFoundError opening .lock in the removed folder
+            outcome.append(repr(e))
+
+    with data.folder_lock(folder):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        time.sleep(0.3)
+    thread.join(10)
+    assert outcome == ["held"]
+
+
 # ----------------------------------------------------------------------------- Ctrl-C, and SIGTERM like it
 
 

@@ -148,7 +148,8 @@ def test_members_measured_or_stopped_with_other_flags_stop_the_grid_before_anyth
     finished, stopped = tmp_path / "finished", tmp_path / "stopped"
     copy_grid(reference, finished)  # measured on 500 test images: not to be averaged with members measured on 400
     copy_grid(reference, stopped, drop=[("0.5", 1), ("0.5", 2), ("2", 1)], keep_checkpoint=[("2", 2)])
-    for out, flags, name in [(finished, ["--test-limit", "400"], "test_limit"), (stopped, ["--epochs", "3"], "epochs")]:
+    for out, flags, name in [(finished, ["--test-limit", "400"], "test_limit"), (stopped, ["--epochs", "3"], "epochs"),
+                             (stopped, ["--test-limit", "400"], "test_limit")]:  # its loss.txt scored 500 each epoch
         before = sorted(out.rglob("*"))
         capsys.readouterr()
         assert run_cli(GRID + flags + ["--out-dir", out]) == 2
@@ -341,4 +342,13 @@ def test_bad_grid_flags_exit_2_with_one_line_and_touch_nothing(flags, name, tmp_
     assert run_cli(["--out-dir", out, "--data-dir", data_dir, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and name in err and "Traceback" not in err
+    assert not out.exists() and not data_dir.exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "foo://127.0.0.1:1"])
+def test_a_malformed_scheduler_address_fails_in_one_line_and_touches_nothing(address, tmp_path, capsys):
+    out, data_dir = tmp_path / "out", tmp_path / "data"
+    assert run_cli(["--beta-sweep", "1", "--scheduler", address, "--out-dir", out, "--data-dir", data_dir]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--scheduler {address}:" in err and "Traceback" not in err
     assert not out.exists() and not data_dir.exists()
