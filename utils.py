@@ -45,13 +45,13 @@ def limit_threads(n):
     """Cap this process's torch, BLAS/OpenMP (threadpoolctl) and numba (umap-learn) thread pools at n; None: no cap."""
     if n is None:
         return
+    try:  # numba first: starting its OpenMP pool resets torch's to every core once torch has computed anything
+        import numba  # imported here, not at the top: only UMAP needs it, and it costs ~0.6 s
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
     torch.set_num_threads(n)
     threadpoolctl.threadpool_limits(n)  # sklearn's KMeans/GMM and numpy's BLAS: every such library loaded by now
-    try:
-        import numba  # imported here, not at the top: only UMAP needs it, and it costs ~0.6 s
-    except ImportError:
-        return
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def resolve_device(name):
@@ -126,8 +126,10 @@ def get_beta(t, args):
         return args.beta_max * min(1.0, t / ramp) if ramp > 0 else args.beta_max
     if args.schedule == "cyclical":
         # Fu et al. 2019: M cycles over the run, beta rising over the first fraction R of each, then held.
-        period = args.epochs / args.cycles
-        return args.beta_max * min(1.0, (t % period) / (period * args.cycle_ratio))
+        # The phase from t * M, not t % (epochs / M): that modulo can land just short of a cycle's start (10 epochs,
+        # 6 cycles: t = 5 gave 5/3 - 2e-16), which then trained at beta_max instead of 0.
+        phase = (t * args.cycles) % args.epochs / args.epochs
+        return args.beta_max * min(1.0, phase / args.cycle_ratio)
     if args.schedule == "capacity":
         return args.gamma  # the constant weight on |KL - C(t)|, which is what the loss.txt β column then shows
     return args.beta_max

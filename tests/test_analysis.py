@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -7,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import utils
-from conftest import planted, tiny_model
+from conftest import ROOT, planted, tiny_model
 
 
 @settings(max_examples=100, deadline=None)
@@ -160,6 +163,16 @@ def test_seeds_side_by_side_run_openmp_on_one_thread_each(monkeypatch):
     monkeypatch.setattr(utils, "cluster_labels", openmp_threads)
     seen = utils.labels_per_seed(np.zeros((10, 2)), "gmm", [0, 1, 2], threads=2)
     assert seen and all(s == [1] * len(s) and s for s in seen), seen
+
+
+def test_limit_threads_holds_torch_to_n_after_torch_has_computed():
+    # a fresh process (this one's pools are warm): torch runs first, as in the notebook, then the cap; numba's first
+    # OpenMP pool used to reset torch's to every core behind it
+    code = ("import torch, utils; torch.rand(1000, 1000).exp().sum(); utils.limit_threads(1); "  # starts torch's pool
+            "import numba; print(torch.get_num_threads(), numba.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})  # 2 whatever the machine: the reset shows
+    assert done.stdout.split() == ["1", "1"]
 
 
 def test_umap_refuses_a_collapsed_code_whose_neighbours_are_ties():

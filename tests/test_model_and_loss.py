@@ -84,6 +84,14 @@ def test_cyclical_schedule_known_points():
         [0, 1.0, 2.0, 2.0, 0, 1.0, 2.0])
 
 
+@settings(max_examples=100, deadline=None)
+@given(epochs=st.integers(1, 60), cycles=st.integers(1, 8))
+def test_every_epoch_that_starts_a_cyclical_cycle_starts_at_beta_0(epochs, cycles):
+    c = cfg(schedule="cyclical", epochs=epochs, cycles=cycles, cycle_ratio=0.5, beta_max=1.0)
+    starts = [e for e in range(epochs) if e * cycles % epochs == 0]  # epoch e + 1 begins a cycle
+    assert [utils.get_beta(e, c) for e in starts] == [0.0] * len(starts)
+
+
 def test_capacity_schedule_known_points():
     c = cfg(schedule="capacity", epochs=10, capacity_max=25.0, gamma=100.0)
     assert [utils.get_capacity(t, c) for t in (0, 5, 10, 12)] == pytest.approx([0, 12.5, 25, 25])
