@@ -34,9 +34,9 @@ def test_planted_clusters_are_recovered(method):
     centres = rng.normal(size=(10, 5)) * 20
     y = np.repeat(np.arange(10), 60)
     x = centres[y] + rng.normal(size=(600, 5))
-    s = utils.clustering_scores(x, y, method, seeds=range(3))
+    s = utils.clustering_scores(x, y, method, seeds=range(2))
     assert s["acc_mean"] > 0.99 and s["nmi_mean"] > 0.98 and s["ari_mean"] > 0.98
-    noise = utils.clustering_scores(rng.normal(size=(600, 5)), y, method, seeds=range(3))
+    noise = utils.clustering_scores(rng.normal(size=(600, 5)), y, method, seeds=range(2))
     assert noise["acc_mean"] < 0.3 and noise["nmi_mean"] < 0.1
 
 
@@ -182,23 +182,22 @@ def test_umap_refuses_a_collapsed_code_whose_neighbours_are_ties():
         utils.umap_embedding(x, seed=0)
 
 
-@pytest.mark.parametrize("method, threads", [("umap_gmm", 1), ("umap_gmm", 2), ("gmm", 2)])
-def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method, threads):
+@pytest.mark.parametrize("method", ["umap_gmm", "gmm"])
+def test_seeds_side_by_side_give_the_labels_of_seeds_in_turn(method):
     x, y = planted(30, 8, 1.5)  # overlapping clusters: labels that depend on the seed
     filters = list(warnings.filters)
-    together = utils.labels_per_seed(x, method, [0, 1, 2], threads=threads)  # UMAP: one neighbour graph for all
+    together = utils.labels_per_seed(x, method, [0, 1, 2], threads=2)  # UMAP: one neighbour graph for all
     assert warnings.filters == filters  # UMAP's warning filter, set in threads, is undone
     assert len({labels.tobytes() for labels in together}) == 3  # so a swap of two seeds' results would show
     for seed, labels in zip([0, 1, 2], together):
         assert np.array_equal(labels, utils.cluster_labels(x, method, seed))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_seeds_umaps_share_one_neighbour_graph(monkeypatch, threads):
+def test_the_seeds_umaps_share_one_neighbour_graph(monkeypatch):  # searched before the seeds split, in turn or not
     x, _ = planted(30, 8, 1.5)
     graphs, exact = [], utils.exact_neighbours
     monkeypatch.setattr(utils, "exact_neighbours", lambda *a, **k: graphs.append(a) or exact(*a, **k))
-    assert len(utils.labels_per_seed(x, "umap_gmm", [0, 1, 2], threads=threads)) == 3 and len(graphs) == 1
+    assert len(utils.labels_per_seed(x, "umap_gmm", [0, 1, 2], threads=2)) == 3 and len(graphs) == 1
 
 
 def test_umap_seeds_refuse_a_collapsed_code_before_searching_its_neighbours():

@@ -17,7 +17,11 @@ from conftest import QUICK, ROOT, run_cli
 OUTPUTS = ["loss.txt", "metrics.json", "checkpoint.pt"] + [
     f"samples/{f}.png" for f in ("train_loss", "latent_dist_before_train", "latent_dist_after_train", "kmean",
                                  "confusion", "tsne", "generated_num", "reconstructions", "kl_per_dim",
-                                 "traversals", "interpolations")]
+                                 "traversals", "interpolations", "factors")]
+
+
+# End-to-end runs whose checks need no 1,000-image analysis: the smallest sizes the flag checks accept.
+SMALL = QUICK + ["--test-limit", "100", "--tsne-points", "100", "--iw-samples", "2"]
 
 
 def table_without_seconds(path):
@@ -68,16 +72,11 @@ def test_metrics_hold_every_headline_number(quick_run):
 
 
 def test_mse_run_reports_no_likelihood(mnist_dir, tmp_path, capsys):
-    assert run_cli(QUICK + ["--loss", "mse", "--out-dir", tmp_path]) == 0
+    assert run_cli(SMALL + ["--loss", "mse", "--out-dir", tmp_path]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["test_iw_log_likelihood"] is None and 0 < m["test_neg_elbo"] < 100  # squared error, not nats
     out = capsys.readouterr().out
     assert "test MSE + KL" in out and "log p(x)" not in out and "ELBO (beta=1)" not in out
-
-
-def test_same_seed_gives_identical_loss_txt(quick_run, tmp_path):
-    assert run_cli(QUICK + ["--epochs", "2", "--precision", "bf16", "--out-dir", tmp_path]) == 0
-    assert table_without_seconds(tmp_path / "loss.txt") == table_without_seconds(quick_run / "loss.txt")
 
 
 def test_analyze_only_rebuilds_figures_from_a_checkpoint(quick_run, tmp_path):
@@ -88,7 +87,8 @@ def test_analyze_only_rebuilds_figures_from_a_checkpoint(quick_run, tmp_path):
     a = json.loads((tmp_path / "metrics.json").read_text())
     b = json.loads((quick_run / "metrics.json").read_text())
     assert a["test_neg_elbo"] == pytest.approx(b["test_neg_elbo"], abs=1e-4)
-    assert (tmp_path / "samples" / "traversals.png").is_file() and not (tmp_path / "loss.txt").exists()
+    rebuilt = [f for f in OUTPUTS if f.startswith("samples/") and f != "samples/latent_dist_before_train.png"]
+    assert [f for f in rebuilt if not (tmp_path / f).is_file()] == [] and not (tmp_path / "loss.txt").exists()
 
 
 def test_defaults_that_follow_other_flags(tmp_path):
@@ -282,7 +282,7 @@ def test_checkpoint_loads_with_weights_only(quick_run):
     ("cyclical", ["--cycles", "1", "--cycle-ratio", "0.5", "--beta-max", "2"], [0.0, 4 / 3, 2.0]),
     ("capacity", ["--gamma", "50"], [50.0, 50.0, 50.0]), ("constant", ["--beta-max", "0.5"], [0.5, 0.5, 0.5])])
 def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule, flags, betas):
-    assert run_cli(QUICK + ["--epochs", "3", "--schedule", schedule, *flags, "--out-dir", tmp_path]) == 0
+    assert run_cli(SMALL + ["--epochs", "3", "--schedule", schedule, *flags, "--out-dir", tmp_path]) == 0
     rows = utils.parse_loss_table((tmp_path / "loss.txt").read_text())
     assert [r["beta"] for r in rows] == pytest.approx(betas, abs=1e-3)
     assert all(r["total"] == pytest.approx(r["recon"] + r["kl"], abs=0.011) for r in rows)
@@ -299,6 +299,6 @@ def test_other_schedules_run_end_to_end(mnist_dir, tmp_path, schedule, flags, be
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist not installed")
 def test_fashion_mnist_runs_end_to_end(tmp_path):
-    assert run_cli(QUICK + ["--dataset", "fashion-mnist", "--out-dir", tmp_path]) == 0
+    assert run_cli(SMALL + ["--dataset", "fashion-mnist", "--out-dir", tmp_path]) == 0
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["config"]["dataset"] == "fashion-mnist" and (tmp_path / "samples" / "tsne.png").is_file()

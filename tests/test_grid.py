@@ -59,6 +59,7 @@ def reference(mnist_dir, tmp_path_factory):
     """The 2 β × 2 seed grid, one model after another in this process at one thread each: the grid to match."""
     out = tmp_path_factory.mktemp("sequential")
     with thread_limits_restored():
+        # with TensorBoard: members trained again without it must match, so logging reads no training randomness
         assert run_cli(GRID + ["--threads", "1", "--tensorboard", "--out-dir", out]) == 0
     return out
 
@@ -108,19 +109,19 @@ def test_table_is_the_mean_and_sample_std_of_the_members_metrics(reference):
     assert summary["numbers"]["test_neg_elbo"]["n"] == 2 and summary["failed"] == []
 
 
-def test_rerunning_a_finished_grid_trains_nothing(reference, capsys):
-    stamps = {(b, s): (member(reference, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS}
-    before = table(reference)
+def test_rerunning_a_finished_grid_trains_nothing(reference, tmp_path, capsys):
+    copy_grid(reference, tmp_path)  # a copy: the later tests compare with reference, which a bug here would change
+    stamps = {(b, s): (member(tmp_path, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS}
     capsys.readouterr()
-    assert run_cli(GRID + ["--workers", "2", "--out-dir", reference]) == 0  # no pool is even started
+    assert run_cli(GRID + ["--workers", "2", "--out-dir", tmp_path]) == 0  # no pool is even started
     assert capsys.readouterr().out.count("finished earlier") == 4
-    assert {(b, s): (member(reference, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS} == stamps
-    assert table(reference) == before
+    assert {(b, s): (member(tmp_path, b, s) / "checkpoint.pt").stat().st_mtime_ns for b, s in MEMBERS} == stamps
+    assert table(tmp_path) == table(reference)
 
 
-# Holds a folder's lock for 3 s, as a run writing there would, then prints when it let go.
+# Holds a folder's lock for 3 s, as a run writing there would, and prints the time just before it lets go.
 HOLD = ("import sys, time, data\nwith data.folder_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(3)\n"
-        "print(time.time(), flush=True)\n")
+        "    print(time.time(), flush=True)\n")
 
 
 def test_the_tables_wait_for_a_run_that_holds_the_grids_folder(reference, tmp_path, capsys):
@@ -264,6 +265,7 @@ def test_only_a_lock_its_holder_left_behind_counts_as_killed(tmp_path):
     killed = grid.killed_while_running(list(members.values()), since)  # beta=2 seed=2: no lock at all
     assert [grid.member_name(m) for m in killed] == ["beta=0.5 seed=1"]
     assert not Path(members["beta=2 seed=2"].out_dir).exists()  # probing made no lock file where there was none
+    holder.kill()
     holder.wait(timeout=60)
 
 

@@ -1,4 +1,5 @@
 """demo.ipynb, executed top to bottom in a fresh kernel with a quick configuration."""
+import hashlib
 import re
 
 import nbformat
@@ -8,6 +9,8 @@ from nbclient import NotebookClient
 from conftest import ROOT
 
 NOTEBOOK = ROOT / "demo.ipynb"
+# The reference run's files as collected, before any notebook runs: the notebook must never write over them.
+REFERENCE_FILES = {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest() for name in ("checkpoint.pt", "loss.txt")}
 # Run after the notebook in the same kernel: moves the first (largest-KL) slider of the latent explorer by 1 towards 0.
 EXPLORER_PROBE = """\
 before, first = explorer["image"].value, explorer["sliders"][0]
@@ -97,6 +100,7 @@ def test_notebook_writes_into_out_dir(executed):
         "digits", "latent_dist_before_train", "train_loss", "latent_dist_after_train", "kl_per_dim", "confusion",
         "tsne", "kmean", "generated_num", "reconstructions", "traversals", "factors")}
     assert {"checkpoint.pt", "loss.txt"} | figures <= {f.name for f in out.iterdir()}
+    assert {name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest() for name in REFERENCE_FILES} == REFERENCE_FILES
 
 
 def test_notebook_analyses_a_saved_checkpoint(executed, mnist_dir, tmp_path):
