@@ -464,7 +464,7 @@ def disentanglement(codes, factors, n_train, threads=None, seed=0):
     DCI trains on n_train rows drawn at random with seed and scores on the rest."""
     averaged = [FACTORS.index(name) for name in AVERAGED]
     gaps, mi = mig(codes, factors)
-    if np.isnan(gaps).any():  # else a NaN in metrics.json, which strict JSON parsers reject; raised: the block is null
+    if np.isnan(gaps).any():  # a constant factor: the block is null with this reason, not a NaN in metrics.json
         raise ValueError(f"factor {FACTORS[int(np.argmax(np.isnan(gaps)))]} is constant on these images: no MIG")
     sap_gaps, _ = sap(codes, factors)
     # at random, not in order: MNIST's first 5,000 test digits are NIST's training writers, cleaner than the last
