@@ -163,11 +163,7 @@ def locked_descriptor(path, wait):
     """-> an open descriptor of `path` (made if missing) holding its exclusive flock; FolderBusy if another process
     holds it and not wait, else waits for it."""
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except FileNotFoundError:  # the holder we waited for removed the folder it had made and left empty
-            path.parent.mkdir(parents=True, exist_ok=True)
-            continue
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # FileNotFoundError: the folder is gone (folder_lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -184,6 +180,11 @@ def locked_descriptor(path, wait):
         except FileNotFoundError:
             pass
         os.close(fd)  # its holder removed the file after we opened it: lock the one now at that path instead
+
+
+def missing_folders(path):
+    """-> path and those of its parents that do not exist, deepest first: what mkdir(parents=True) would make."""
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
 
 
 def remove_empty_folders(folders):
@@ -219,10 +220,15 @@ def folder_lock(folder, wait=False):
     ends. FolderBusy at once if another process holds it, or with wait, wait for it. flock locks conflict between two
     opens in one process too, so never nest two on one folder. Folders made for it go again if left empty."""
     folder = Path(folder).absolute()
-    made = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # deepest first: the order to undo them
+    made = missing_folders(folder)  # deepest first: the order to undo them
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = locked_descriptor(folder / LOCK_FILE, wait)
+        while True:
+            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = locked_descriptor(folder / LOCK_FILE, wait)
+                break
+            except FileNotFoundError:  # the holder waited for removed the folders it had made and left empty
+                made = missing_folders(folder) + made  # made again here, so undone here too
         try:
             try:
                 os.ftruncate(fd, 0)

@@ -75,7 +75,7 @@ def add_run_flags(a):
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
     a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., "
-                                      "runs/quick with --quick, the checkpoint's own folder with --analyze-only)")
+                                      "runs/quick with --quick, else the checkpoint's own folder with --analyze-only)")
     a("--limit", type=int, default=None, help="train on the first N images only (default: all)")
     a("--binarize", action="store_true", help="dynamically binarized MNIST (Burda et al. 2016): each training batch "
                                               "re-sampled as Bernoulli(x), one fixed binary test set (default: off)")
@@ -84,7 +84,8 @@ def add_run_flags(a):
     a("--tensorboard", action="store_true", help="also log scalars, digit grids and hparams to OUT_DIR/tensorboard "
                                                  "(default: off)")
     a("--quick", action="store_true", help="the real pipeline at small sizes: " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items()) + "; flags given explicitly win (default: off)")
+        f"--{k.replace('_', '-')} {v}" + (" (at most --test-limit)" if k == "tsne_points" else "")
+        for k, v in QUICK.items()) + "; flags given explicitly win (default: off)")
 
 
 def add_analysis_flags(a):
@@ -127,7 +128,7 @@ def build_parser():
 def folder_write_error(path):
     """-> why no file can be written into folder `path`, or None; learnt by writing there, then undoing what it made."""
     path = Path(path).absolute()
-    made = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first: the order to undo them
+    made = data.missing_folders(path)  # deepest first: the order to undo them
     try:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
@@ -211,12 +212,10 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick:  # the quick sizes become the defaults, so that a flag given explicitly still wins
-        parser.set_defaults(**{k: v for k, v in QUICK.items() if k not in ("out_dir", "tsne_points")})
+        parser.set_defaults(**{k: v for k, v in QUICK.items() if k != "tsne_points"})  # which follows --test-limit
         args = parser.parse_args(argv)
     # Defaults that follow other flags: analysing another run's checkpoint never overwrites the reference run in .
-    if args.out_dir is None:
-        args.out_dir = (str(Path(args.analyze_only).parent) if args.analyze_only
-                        else QUICK["out_dir"] if args.quick else ".")
+    args.out_dir = args.out_dir or (str(Path(args.analyze_only).parent) if args.analyze_only else ".")
     if args.tsne_points is None:  # not `or`: an explicit 0 is out of range, not the default
         args.tsne_points = min(QUICK["tsne_points"] if args.quick else 10000, args.test_limit or 10000)
     msg = invalid_flag(args)
@@ -336,7 +335,7 @@ def trained_model(cfg, state, split, writer, timings):
     model = BetaVAE(model_config(vars(cfg))).to(test_x.device)
     if cfg.analyze_only:
         model.load_state_dict(state["model"])
-        return model, state.get("history", [])  # a checkpoint may hold weights and config alone
+        return model, state.get("history", [])  # a checkpoint may hold no history
     opt = utils.make_optimizer(model, cfg.lr)
     history, start = resume_from(state, model, opt) if state else ([], 1)
     if state:

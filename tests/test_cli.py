@@ -101,9 +101,9 @@ def test_defaults_that_follow_other_flags(tmp_path):
     ckpt.write_bytes(b"")
     assert parse("--analyze-only", ckpt).out_dir == str(ckpt.parent)  # never . , the reference run's folder
     assert parse("--analyze-only", ckpt, "--out-dir", tmp_path / "b").out_dir == str(tmp_path / "b")
-    # --quick's sizes are defaults like these: they follow --test-limit and --analyze-only too
+    # --quick's t-SNE size follows --test-limit too; its folder is its own, never a committed run's
     assert parse("--quick", "--test-limit", 200, "--out-dir", tmp_path).tsne_points == 200
-    assert parse("--quick", "--analyze-only", ckpt).out_dir == str(ckpt.parent)
+    assert parse("--quick", "--analyze-only", ckpt).out_dir == "runs/quick"
 
 
 def test_nan_stops_training_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
@@ -203,7 +203,7 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path, quick_run, capsys):
 @pytest.mark.parametrize("flags, field", [(["--latent-dim", "4"], "latent_dim"), (["--test-limit", "500"], "test_limit")])
 def test_resume_with_a_different_model_or_test_set_names_the_field(flags, field, tmp_path, quick_run, capsys):
     (tmp_path / "checkpoint.pt").write_bytes((quick_run / "checkpoint.pt").read_bytes())
-    argv = QUICK + ["--epochs", "2", "--precision", "bf16", *flags, "--tsne-points", "300", "--resume", "--out-dir", tmp_path]
+    argv = QUICK + ["--epochs", "2", "--precision", "bf16", *flags, "--resume", "--out-dir", tmp_path]
     assert run_cli(argv) == 2
     assert f"checkpoint has {field}=" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # refused before anything was written
@@ -253,7 +253,7 @@ def test_resuming_a_committed_weights_only_checkpoint_exits_2_and_writes_nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-def test_analyze_only_takes_a_checkpoint_of_weights_and_config_alone(tmp_path):
+def test_analyze_only_takes_a_checkpoint_without_history(tmp_path):
     state = utils.load_checkpoint(ROOT / "checkpoint.pt")
     utils.save_checkpoint(tmp_path / "bare.pt", {k: state[k] for k in ("model", "config", "epoch")})  # no history
     args = demo_script.parse_args(["--analyze-only", str(tmp_path / "bare.pt")])

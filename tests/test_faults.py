@@ -151,7 +151,7 @@ def test_a_waiting_lock_is_granted_when_its_holder_removes_the_folder_it_left_em
         thread.start()
         time.sleep(0.3)
     thread.join(10)
-    assert outcome == ["held"]
+    assert outcome == ["held"] and not (tmp_path / "grid").exists()  # the folders it made again, left empty, go too
 
 
 # ----------------------------------------------------------------------------- Ctrl-C, and SIGTERM like it
