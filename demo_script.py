@@ -446,6 +446,7 @@ def stop_message(args, is_grid, terminated, started):
 def main(argv=None):
     """Entry point: a bad flag or a folder another run holds exits 2, a NaN or a failed write 1, Ctrl-C 130 and
     SIGTERM 143 with the command that resumes; no tracebacks."""
+    utils.flush_denormals()  # before torch starts its threads, which copy the flag
     args, started = parse_args(argv), time.time()
     args.threads, is_grid = grid.thread_count(args), bool(args.beta_sweep or args.train_seeds)
     try:

@@ -76,6 +76,7 @@ def table(results, opts):
 
 
 def main(argv=None):
+    utils.flush_denormals()  # as demo_script.main, before torch starts its threads
     opts = parse(argv)
     train_x, _, test_x, _ = data.load_mnist(opts.data_dir)
     print(f"{len(opts.seeds)} seeds x {opts.epochs} epochs at {', '.join(PRECISIONS)}, interleaved", flush=True)

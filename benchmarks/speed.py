@@ -344,6 +344,7 @@ def full_run_row(data_dir, extra):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
+    utils.flush_denormals()  # as demo_script.main, before torch starts its threads
     opts = parse(argv)
     args = demo_script.parse_args([])  # the project's defaults: batch size, model, loss, schedules, K, seeds
     measures.return_large_frees_to_the_os()  # as demo_script.run: row 6's IW bound runs after row 2's training

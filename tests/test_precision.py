@@ -1,12 +1,16 @@
 """--precision: bf16 only on native hardware, autocast for the matrix products and fp32 for everything else (the run's
 record, fp32 evaluation and --resume's refusal: tests/test_cli.py, on its bf16 quick run)."""
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import demo_script
 import utils
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
 
 
 def test_auto_picks_bf16_only_where_the_hardware_has_native_units(monkeypatch):
@@ -53,3 +57,79 @@ def test_a_seeded_bf16_epoch_is_repeatable_to_the_bit():
     # picks it: this holds bf16 to it on every CPU
     (a, _, stats_a, _), (b, _, stats_b, _) = epoch_at("bf16"), epoch_at("bf16")
     assert stats_a == stats_b and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- float32 denormals flushed (DAZ/FTZ)
+
+HAS_FTZ = torch.set_flush_denormal(False)  # whether this CPU has the mode (asking turns it off in this thread)
+
+# A fresh process, so that torch's OpenMP threads start after the flag (or without it): 2^20 denormals times 1 on both
+# of them, and 4 in a Python thread started afterwards -> how many came out non-zero.
+PROBE = ("import threading, torch, utils; torch.set_num_threads(2); {flush}"
+         "x, seen = torch.full((1 << 20,), 1e-39), []; "
+         "t = threading.Thread(target=lambda: seen.append(int((torch.full((4,), 1e-39) * 1.0).count_nonzero()))); "
+         "t.start(); t.join(); print(int((x * 1.0).count_nonzero()), seen[0])")
+
+
+def in_fresh_process(code, *argv):
+    """-> stdout of python -c code argv... in the project root, 2 OpenMP threads whatever the machine."""
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.split()
+
+
+@pytest.mark.skipif(not HAS_FTZ, reason="this CPU has no flush-to-zero mode")
+def test_flush_denormals_reaches_torchs_threads_and_python_threads_started_after_it():
+    assert in_fresh_process(PROBE.format(flush="")) == [str(1 << 20), "4"]  # the probe sees denormals otherwise
+    assert in_fresh_process(PROBE.format(flush="assert utils.flush_denormals(); ")) == ["0", "0"]
+
+
+# Resumes a saved bf16 model whose Adam state holds denormals, one epoch of 10 steps, with or without the flag -> how
+# many denormals its Adam state holds at the end; saves the weights.
+RESUME = """
+import argparse, sys, torch, model as m, utils
+if sys.argv[1] == "flush":
+    utils.flush_denormals()
+state = torch.load(sys.argv[2], weights_only=False)
+model = m.BetaVAE(state["config"])
+model.load_state_dict(state["model"])
+opt = utils.make_optimizer(model, 1e-3)
+opt.load_state_dict(state["optimizer"])
+args = argparse.Namespace(batch_size=128, epochs=1, schedule="constant", beta_max=1.0, free_bits=0.0, loss="bce",
+                          lr=1e-3, lr_schedule="constant", binarize=False, precision="bf16")
+torch.manual_seed(3)
+utils.train_epoch(model, opt, state["x"], args, 1, show_progress=False)
+torch.save(model.state_dict(), sys.argv[3])
+tiny = torch.finfo(torch.float32).tiny
+print(sum(int(((s["exp_avg"] != 0) & (s["exp_avg"].abs() < tiny)).sum()) for s in opt.state.values()))
+"""
+
+
+@pytest.mark.skipif(not HAS_FTZ, reason="this CPU has no flush-to-zero mode")
+def test_flushing_denormals_changes_no_weight(tmp_path):
+    # As in MNIST, pixels that are never lit (here a 4-pixel border) give their weights zero gradients, and Adam's
+    # first moment for them decays into the denormal range; 30% of every moment is planted there, bit patterns
+    # written as integers so that no float operation (flushed or not in this process) touches them.
+    x = torch.rand(1280, 28, 28, generator=torch.Generator().manual_seed(1))
+    x[:, :4], x[:, -4:], x[:, :, :4], x[:, :, -4:] = 0, 0, 0, 0
+    x = x.view(-1, 784)
+    model, opt, _, _ = epoch_at("bf16")
+    gen = torch.Generator().manual_seed(2)
+    for s in opt.state.values():
+        m = s["exp_avg"]
+        bits = torch.randint(1, 1 << 23, m.shape, generator=gen, dtype=torch.int32).view(torch.float32)
+        planted = torch.rand(m.shape, generator=gen) < 0.3
+        m[planted] = bits[planted]
+    path = tmp_path / "state.pt"
+    torch.save({"config": model.config, "model": model.state_dict(), "optimizer": opt.state_dict(), "x": x}, path)
+    held = {how: in_fresh_process(RESUME, how, str(path), str(tmp_path / f"{how}.pt")) for how in ("plain", "flush")}
+    assert int(held["plain"][0]) > 1000 and held["flush"] == ["0"]  # the plain run computed with denormals
+    plain, flushed = (torch.load(tmp_path / f"{how}.pt") for how in ("plain", "flush"))
+    assert all(torch.equal(plain[k], flushed[k]) for k in plain)
+
+
+def test_the_script_flushes_denormals_before_anything_else(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "flush_denormals", lambda: calls.append(True))
+    with pytest.raises(SystemExit):
+        demo_script.main(["--help"])  # exits while parsing: the flag must be set by then
+    assert calls == [True]
