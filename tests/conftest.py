@@ -30,6 +30,14 @@ def mnist_dir():
     return DATA_DIR
 
 
+@pytest.fixture(autouse=True)
+def denormals_kept():
+    """demo_script.main, as an entry point, flushes denormals in its thread (utils.flush_denormals); after a test that
+    ran it in-process, this thread keeps them again, as hypothesis's float strategies require."""
+    yield
+    torch.set_flush_denormal(False)
+
+
 def run_cli(argv):
     """demo_script.main in-process -> its exit code (0 when it returns)."""
     try:
