@@ -55,11 +55,12 @@ def limit_threads(n):
 
 
 def flush_denormals():
-    """Read and write float32 denormals as 0 (x86 DAZ/FTZ) in this thread and the threads it starts -> whether set."""
+    """Treat denormal floats (float64 too) as 0, x86's DAZ/FTZ, here and in threads started later -> whether set."""
     # Adam's first moment for the weights that rarely lit pixels feed decays into the denormal range (~30% of its
     # entries after 10 epochs), and on Intel CPUs every operation on a denormal takes a microcode assist: on a Xeon
     # with AMX a bf16 epoch took 4.3 s, flushed 2.6 s (AMD's Zen 4: no difference). Such values move no weight by an
-    # ulp: a default run wrote the same weights, loss.txt, metrics and figures, bit for bit (benchmarks/README.md).
+    # ulp: a default run wrote the same weights, loss.txt, metrics and figures, bit for bit, its float64 analysis
+    # (numpy, scikit-learn) included (benchmarks/README.md).
     # Threads copy the flag when they start, so this comes before torch's OpenMP pool does: first thing in a process.
     return torch.set_flush_denormal(True)
 
