@@ -142,7 +142,7 @@ def grid_member(sub, run, defaults, log_to_file=False, wait=True):
     second grid command, Dask re-running a member it thought lost) raises data.FolderBusy, or with wait is waited for,
     then read back or resumed; Ctrl-C and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its
     stdout.txt, not the terminal."""
-    utils.flush_denormals()  # a pool or Dask worker's own thread, before its torch threads start
+    utils.flush_denormals()  # a pool or Dask worker's own thread, before its torch threads start (on Dask it stays set)
     utils.limit_threads(sub.threads)
     with sigint_handled(signal.default_int_handler), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished

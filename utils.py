@@ -57,11 +57,12 @@ def limit_threads(n):
 def flush_denormals():
     """Treat denormal floats (float64 too) as 0, x86's DAZ/FTZ, here and in threads started later -> whether set."""
     # Adam's first moment for the weights that rarely lit pixels feed decays into the denormal range (~30% of its
-    # entries after 10 epochs), and on Intel CPUs every operation on a denormal takes a microcode assist: on a Xeon
+    # entries after 10 epochs), and on Intel CPUs an operation on a denormal can take a microcode assist: on a Xeon
     # with AMX a bf16 epoch took 4.3 s, flushed 2.6 s (AMD's Zen 4: no difference). Such values move no weight by an
     # ulp: a default run wrote the same weights, loss.txt, metrics and figures, bit for bit, its float64 analysis
     # (numpy, scikit-learn) included (benchmarks/README.md).
-    # Threads copy the flag when they start, so this comes before torch's OpenMP pool does: first thing in a process.
+    # Threads copy the flag when they start, so this comes before torch's first parallel op starts its OpenMP pool
+    # (importing the project starts none); BLAS threads that numpy started at import keep denormals.
     return torch.set_flush_denormal(True)
 
 

@@ -33,7 +33,8 @@ def mnist_dir():
 @pytest.fixture(autouse=True)
 def denormals_kept():
     """demo_script.main, as an entry point, flushes denormals in its thread (utils.flush_denormals); after a test that
-    ran it in-process, this thread keeps them again, as hypothesis's float strategies require."""
+    ran it in-process, this thread keeps them again, as hypothesis's float strategies require. Threads it started
+    keep the flag; that changes no result (tests/test_precision.py), only the speed."""
     yield
     torch.set_flush_denormal(False)
 

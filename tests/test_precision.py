@@ -64,11 +64,13 @@ def test_a_seeded_bf16_epoch_is_repeatable_to_the_bit():
 HAS_FTZ = torch.set_flush_denormal(False)  # whether this CPU has the mode (asking turns it off in this thread)
 
 # A fresh process, so that torch's OpenMP threads start after the flag (or without it): 2^20 denormals times 1 on both
-# of them, and 4 in a Python thread started afterwards -> how many came out non-zero.
-PROBE = ("import threading, torch, utils; torch.set_num_threads(2); {flush}"
-         "x, seen = torch.full((1 << 20,), 1e-39), []; "
-         "t = threading.Thread(target=lambda: seen.append(int((torch.full((4,), 1e-39) * 1.0).count_nonzero()))); "
-         "t.start(); t.join(); print(int((x * 1.0).count_nonzero()), seen[0])")
+# of them, and 4 in a Python thread started afterwards -> how many came out non-zero. Made and counted as bits: with
+# the flag on, a float literal 1e-39 would already be 0, and a comparison with 0 would read a denormal as 0.
+PROBE = ("import threading, torch, demo_script, utils; torch.set_num_threads(2); {flush}"
+         "tiny = lambda n: torch.full((n,), 1 << 22, dtype=torch.int32).view(torch.float32); "
+         "nonzero = lambda t: int((t * 1.0).view(torch.int32).count_nonzero()); seen = []; "
+         "t = threading.Thread(target=lambda: seen.append(nonzero(tiny(4)))); t.start(); t.join(); "
+         "print(nonzero(tiny(1 << 20)), seen[0])")
 
 
 def in_fresh_process(code, *argv):
@@ -99,8 +101,8 @@ args = argparse.Namespace(batch_size=128, epochs=1, schedule="constant", beta_ma
 torch.manual_seed(3)
 utils.train_epoch(model, opt, state["x"], args, 1, show_progress=False)
 torch.save(model.state_dict(), sys.argv[3])
-tiny = torch.finfo(torch.float32).tiny
-print(sum(int(((s["exp_avg"] != 0) & (s["exp_avg"].abs() < tiny)).sum()) for s in opt.state.values()))
+bits = [s["exp_avg"].view(torch.int32) & 0x7FFFFFFF for s in opt.state.values()]  # as bits: the flag reads them as 0
+print(sum(int(((b > 0) & (b < 0x00800000)).sum()) for b in bits))  # a zero exponent field: denormal
 """
 
 
