@@ -71,7 +71,8 @@ def add_run_flags(a):
     a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     a("--threads", type=int, default=None, metavar="N",
       help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
-           "cores when sequential, cores // N with --workers N, 1 per model with --scheduler)")
+           "cores when sequential, cores // N with --workers N (N at most the grid's models), 1 per model with "
+           "--scheduler)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
     a("--out-dir", default=None, help="where loss.txt, samples/, metrics.json and checkpoint.pt go (default: ., "
@@ -99,7 +100,7 @@ def add_analysis_flags(a):
                                                 "on the run's cores (a machine's first UMAP also compiles numba code "
                                                 "once); 0 skips UMAP (default: 2)")
     a("--analyze-only", metavar="PATH", default=None,
-      help="load a checkpoint and only run the analysis; model and data set come from it (default: off)")
+      help="load a checkpoint and only run the analysis; model, data set and --seed come from it (default: off)")
 
 
 def add_grid_flags(a):
@@ -183,6 +184,8 @@ def combination_checks(args):
     return [
         (not (grid_run and (args.resume or args.analyze_only)),
          "--beta-sweep and --train-seeds resume by themselves and cannot be combined with --resume or --analyze-only"),
+        (not (args.beta_sweep and args.schedule == "capacity"),
+         "--beta-sweep sets --beta-max, which --schedule capacity does not use: its models would all be the same"),
         (not (args.workers and args.scheduler), "--workers and --scheduler cannot be combined"),
         (not ((args.workers or args.scheduler) and not grid_run),
          "--workers and --scheduler run a grid: give --beta-sweep or --train-seeds"),
@@ -196,7 +199,8 @@ def invalid_flag(args):
     if problem:
         return problem
     try:
-        utils.resolve_precision(args.precision, utils.resolve_device(args.device))
+        if not args.scheduler:  # on Dask the workers' hardware decides, not this machine's (grid.grid_member)
+            utils.resolve_precision(args.precision, utils.resolve_device(args.device))
     except ValueError as e:
         return f"--device or --precision: {e}"
     if args.analyze_only and not Path(args.analyze_only).is_file():
@@ -222,7 +226,8 @@ def parse_args(argv=None):
     if msg:
         parser.error(msg)
     # The precision actually used, resolved once: what the checkpoint and metrics.json record and --resume checks.
-    args.precision = utils.resolve_precision(args.precision, utils.resolve_device(args.device))
+    if not args.scheduler:
+        args.precision = utils.resolve_precision(args.precision, utils.resolve_device(args.device))
     return args
 
 

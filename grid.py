@@ -53,7 +53,7 @@ POOL_ATTEMPTS = 3  # a member whose pool process is killed while it runs is resu
 
 
 class GridError(RuntimeError):
-    """The grid could not reach its Dask scheduler, or some member failed for good."""
+    """The grid could not reach its Dask scheduler, a Dask worker would run members in threads, or one failed."""
 
 
 class InlineExecutor(cf.Executor):
@@ -69,11 +69,13 @@ class InlineExecutor(cf.Executor):
 
 
 def thread_count(args):
-    """-> threads per run: --threads, else cores // --workers, 1 on Dask, or None: each library's default, all cores."""
+    """-> threads per run: --threads, else cores // the pool's processes, 1 on Dask, or None: each library's default,
+    all cores."""
     if args.threads:
         return args.threads
-    if args.workers:
-        return max(1, utils.usable_cores() // args.workers)
+    if args.workers:  # the pool starts no more processes than there are members (grid_executor)
+        members = len(args.beta_sweep or [None]) * len(args.train_seeds or [None])
+        return max(1, utils.usable_cores() // min(args.workers, members))
     return 1 if args.scheduler else None
 
 
@@ -116,10 +118,31 @@ def finished_metrics(sub, defaults):
         saved = utils.load_checkpoint(checkpoint)["config"]
     else:
         return None
-    mismatch = utils.config_mismatch({**defaults, **saved}, vars(sub), fields, holder="it")
+    saved = {**defaults, **saved}
+    # --precision auto on Dask is the worker's to resolve (member_precision): any precision a member recorded fits it
+    requested = {**vars(sub), "precision": saved["precision"]} if sub.precision == "auto" else vars(sub)
+    mismatch = utils.config_mismatch(saved, requested, fields, holder="it")
     if mismatch:
         raise utils.CheckpointError(f"{path}: {mismatch}; use another --out-dir")
     return metrics
+
+
+def dask_worker_threads():
+    """-> how many tasks the Dask worker running this code runs at once, or None outside a Dask worker."""
+    try:
+        from distributed import get_worker
+        return get_worker().state.nthreads
+    except (ImportError, ValueError):  # ValueError: "No worker found", a pool process or this one
+        return None
+
+
+def member_precision(sub):
+    """-> the precision a member trains in here: --precision, or for auto the one its checkpoint.pt recorded, else
+    what this machine's hardware supports (utils.resolve_precision); ValueError where it cannot run here."""
+    checkpoint, name = Path(sub.out_dir) / "checkpoint.pt", sub.precision
+    if name == "auto" and checkpoint.is_file():  # a resumed member continues as it began, whichever worker began it
+        name = utils.load_checkpoint(checkpoint)["config"].get("precision", "fp32")
+    return utils.resolve_precision(name, utils.resolve_device(sub.device))
 
 
 @contextmanager
@@ -142,13 +165,18 @@ def grid_member(sub, run, defaults, log_to_file=False, wait=True):
     second grid command, Dask re-running a member it thought lost) raises data.FolderBusy, or with wait is waited for,
     then read back or resumed; Ctrl-C and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its
     stdout.txt, not the terminal."""
+    if (dask_worker_threads() or 1) > 1:  # torch's random generator is one per process, which threads would share
+        raise GridError(f"this Dask worker runs {dask_worker_threads()} tasks at once; members in threads of one "
+                        "process would draw from one random stream: start workers with dask worker --nthreads 1")
     utils.flush_denormals()  # a pool or Dask worker's own thread, before its torch threads start (on Dask it stays set)
     utils.limit_threads(sub.threads)
     with sigint_handled(signal.default_int_handler), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
+        sub = copy.copy(sub)
+        sub.precision = member_precision(sub)  # on Dask, here: the worker's hardware, not the client's, decides
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
         if metrics:
             return metrics
-        out, sub = Path(sub.out_dir), copy.copy(sub)
+        out = Path(sub.out_dir)
         sub.resume = (out / "checkpoint.pt").is_file()
         log = open(out / "stdout.txt", "a", encoding="utf-8") if log_to_file else nullcontext(sys.stdout)
         with log as stream, redirect_stdout(stream):
@@ -263,7 +291,8 @@ def run_members(members, args, run, defaults):
         finished = len(results)
         with grid_executor(args, len(todo)) as executor:
             start, pending, todo, broken = time.time(), todo, [], []
-            slots = args.workers or len(pending)  # Dask cancels what it queued; in-process, a member runs at submit
+            # Dask cancels what it queued; in-process a member runs at submit, so one at a time reports each as it ends
+            slots = args.workers or (len(pending) if args.scheduler else 1)
             for m, future in ended(executor, pending, slots, run, defaults, bool(args.workers), wait):
                 name = member_name(m)
                 try:

@@ -72,4 +72,4 @@ def binarized_vae(latent_dim=50, pretrained=True):
     """
     if latent_dim not in (10, 50):
         raise ValueError(f"latent_dim={latent_dim!r}: the binarized runs have latent_dim 10 or 50")
-    return _load(f"likelihood/z{latent_dim}/checkpoint.pt", pretrained)
+    return _load(f"likelihood/z{int(latent_dim)}/checkpoint.pt", pretrained)  # int: 10.0 names no folder

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from scipy.stats import entropy, rankdata, spearmanr
+import skimage
 from skimage import measure, morphology, transform
 from sklearn.ensemble import GradientBoostingRegressor
 from sklearn.metrics import mutual_info_score
@@ -91,18 +92,31 @@ def iw_log_likelihood(model, x, k, kind, seed=0, chunk=1000, show_progress=False
     with tqdm(total=x.shape[0], desc=f"IW bound, K={k}", leave=False, disable=not show_progress) as bar:
         for i, xb in zip(range(0, x.shape[0], step), batched(x, step)):
             mu, logvar = model.encode(xb)
-            lse = lse2 = torch.full((xb.shape[0],), -math.inf, device=x.device, dtype=mu.dtype)
+            lse, even, odd = torch.full((3, xb.shape[0]), -math.inf, device=x.device, dtype=mu.dtype)
             for start in range(0, k, per_pass):
                 log_w = iw_log_weights(model, xb, mu, logvar, min(per_pass, k - start), kind, gen)
-                lse, lse2 = lse.logaddexp(log_w.logsumexp(0)), lse2.logaddexp((2 * log_w).logsumexp(0))
-            # Delta method: Var[log mean w] ~ Var(w) / (K E[w]^2) (Owen 2013, Monte Carlo theory, methods and examples,
-            # Ch. 9): sum w^2 / (sum w)^2 - 1/K with Var(w)'s 1/K form. It can understate the error when a few weights
-            # dominate.
-            out[0, i:i + len(xb)], out[1, i:i + len(xb)] = lse - math.log(k), (lse2 - 2 * lse).exp() - 1 / k
+                lse = lse.logaddexp(log_w.logsumexp(0))
+                # the draws numbered even and odd over all passes: two independent bounds of half the draws each
+                even = even.logaddexp(log_w[start % 2::2].logsumexp(0))
+                odd = odd.logaddexp(log_w[1 - start % 2::2].logsumexp(0))
+            out[0, i:i + len(xb)] = lse - math.log(k)
+            out[1, i:i + len(xb)] = half_split_variance(even, odd, k)
             bar.update(xb.shape[0])
     log_px, mc_var = out.cpu().double()  # float64 on the CPU only: MPS has none
-    # K / (K - 1): the unbiased sample variance of w; the 1/K form is 0 for one weight, whose error is unknown: nan
-    return log_px, mc_var.clamp(min=0) * (k / (k - 1) if k > 1 else math.nan)
+    return log_px, mc_var
+
+
+def half_split_variance(lse_even, lse_odd, k):
+    """(B,) logsumexps of the even and odd of k draws' log-weights -> (B,) Var of the k-draw bound; nan for k = 1."""
+    # Two independent replicates, log mean w over ceil(k/2) and floor(k/2) draws: (L_a - L_b)^2 estimates Var L_a +
+    # Var L_b, taken down to k draws at the 1/k rate of Var[log mean w] (Owen 2013, Monte Carlo theory, methods and
+    # examples, Ch. 9). The delta method, Var(w) / (K E[w]^2), needs Var(w), which heavy-tailed weights leave
+    # underestimated in most runs: on the committed models it gave 0.5-0.7 of the spread over seeds, the halves
+    # 0.7-1.2 (benchmarks/README.md).
+    ka, kb = (k + 1) // 2, k // 2
+    if kb == 0:
+        return torch.full_like(lse_even, math.nan)  # one weight: no second replicate to compare it with
+    return (lse_even - math.log(ka) - lse_odd + math.log(kb)).pow(2) * (ka * kb / k ** 2)
 
 
 # ----------------------------------------------------------------------------- KL decomposition (β-TCVAE)
@@ -343,11 +357,17 @@ def morphometrics(images, workers=None):
     return np.array(rows, dtype=np.float64).reshape(len(images), len(FACTORS))
 
 
+def cache_prefix(md5):
+    """-> a cache's first line up to its row count: the definitions' version, skimage's (whose skeleton moves length and
+    thickness by up to 6%) and the md5 of the image file measured."""
+    return f"# morphometrics v{MORPHO_VERSION} skimage={skimage.__version__} md5={md5} n="
+
+
 def read_morphometrics_cache(path, md5, n):
     """-> the first n rows (n, 6) of a cache written for the image file with this md5, or None if unusable."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
-        cached = int(lines[0].removeprefix(f"# morphometrics v{MORPHO_VERSION} md5={md5} n="))
+        cached = int(lines[0].removeprefix(cache_prefix(md5)))
         table = np.array([ln.split(",") for ln in lines[2:2 + n]], dtype=np.float64).reshape(-1, 1 + len(FACTORS))
     except (OSError, ValueError, IndexError, UnicodeDecodeError):  # missing, foreign (another md5) or mangled
         return None
@@ -364,7 +384,7 @@ def cached_morphometrics(images, image_file, cache_path, workers=None):
         values = morphometrics(images, workers)
         table = np.column_stack([np.arange(len(values)), values])
         csv = io.StringIO()  # Morpho-MNIST's columns, under the md5 of the images measured
-        header = f"# morphometrics v{MORPHO_VERSION} md5={md5} n={len(values)}\n" + ",".join(("index",) + FACTORS)
+        header = f"{cache_prefix(md5)}{len(values)}\n" + ",".join(("index",) + FACTORS)
         np.savetxt(csv, table, fmt=["%d"] + ["%.17g"] * len(FACTORS), delimiter=",", comments="", header=header)
         with contextlib.suppress(OSError):  # a read-only data folder costs a re-measurement next time, nothing else
             data.write_text(cache_path, csv.getvalue())
@@ -405,6 +425,9 @@ def top_two_gaps(scores):
 
 def mig(codes, factors, bins=BINS):
     """codes: (N, d), factors: (N, k) -> (k,) mutual information gaps, (d, k) mutual information in nats."""
+    # Codes at equal width, as disentanglement_lib's histogram_discretize, so that scores compare with the literature's;
+    # this caps MIG below 1 by the code's shape: a Gaussian-shaped copy of a factor scores 0.68, exp of it 0.18
+    # (equal-frequency code bins: 0.99 for both; benchmarks/README.md). Factors, continuous here, at equal frequency.
     code_bins = [equal_width_bins(c, bins) for c in np.asarray(codes, np.float64).T]
     factor_bins = [equal_frequency_bins(f, bins) for f in np.asarray(factors, np.float64).T]
     mi = np.array([[mutual_info_score(f, c) for f in factor_bins] for c in code_bins]).reshape(len(code_bins), -1)

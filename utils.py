@@ -66,10 +66,14 @@ def flush_denormals():
     return torch.set_flush_denormal(True)
 
 
+def has_mps():
+    """-> whether this machine has an MPS (Apple GPU) device."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def resolve_device(name):
     """'auto' | 'cpu' | 'cuda' | 'mps' -> torch.device; ValueError when the device is not there."""
-    has = {"cpu": True, "cuda": torch.cuda.is_available(),
-           "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps()}
     if name == "auto":
         name = "cuda" if has["cuda"] else "mps" if has["mps"] else "cpu"
     if name not in has:
@@ -358,18 +362,23 @@ class CheckpointError(RuntimeError):
 def checkpoint_state(model, opt, epoch, config, history):
     """Everything needed to resume bit-for-bit: weights, optimiser, RNG states, config, history."""
     np_state = np.random.get_state()
+    # CUDA's generators only once CUDA has started: asking earlier would start it (a context per process) for a CPU run
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, config=config,
                 history=history, torch_rng=torch.get_rng_state(),
-                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                mps_rng=torch.mps.get_rng_state() if has_mps() else None,
                 numpy_rng=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
                 python_rng=list(random.getstate()))
 
 
 def restore_rng(state):
-    """Put the torch, CUDA, numpy and python RNGs back where checkpoint_state found them."""
+    """Put the torch, CUDA, MPS, numpy and python RNGs back where checkpoint_state found them."""
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():  # a machine with fewer GPUs restores those it has
+        for i, cuda_state in enumerate(state["cuda_rng"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+    if state.get("mps_rng") is not None and has_mps():  # absent from checkpoints written before it was saved
+        torch.mps.set_rng_state(state["mps_rng"])
     kind, keys, *rest = state["numpy_rng"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     version, internal, gauss = state["python_rng"]

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from scipy.stats import entropy, ortho_group, spearmanr
 from sklearn.linear_model import LinearRegression
+import skimage
 from skimage import morphology, transform
 
 import data
@@ -206,7 +207,8 @@ def test_the_cache_measures_once_and_is_read_back_exactly(tmp_path, idx_and_imag
     assert len(calls) == 1 and np.array_equal(first, second)
     assert np.array_equal(first, [measures.image_morphometrics(image) for image in images])
     lines = cache.read_text().splitlines()
-    assert lines[0] == f"# morphometrics v{measures.MORPHO_VERSION} md5={data.file_digest(image_file)} n=5"
+    assert lines[0] == (f"# morphometrics v{measures.MORPHO_VERSION} skimage={skimage.__version__} "
+                        f"md5={data.file_digest(image_file)} n=5")
     assert lines[1] == "index,area,length,thickness,slant,width,height" and len(lines) == 7
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images-idx3-ubyte", "morpho-test.csv"]  # no temp file
 
@@ -225,7 +227,7 @@ def test_a_cache_for_more_images_serves_fewer_and_a_request_for_more_measures_ag
     assert measures.read_morphometrics_cache(cache, "0" * 32, 3) is None  # another file's cache
 
 
-@pytest.mark.parametrize("spoil", ["truncate", "stale", "foreign", "columns", "indices", "nan", "garbage"])
+@pytest.mark.parametrize("spoil", ["truncate", "stale", "foreign", "skimage", "columns", "indices", "nan", "garbage"])
 def test_a_spoiled_cache_is_measured_again(tmp_path, idx_and_images, monkeypatch, spoil):
     image_file, images = idx_and_images
     cache = tmp_path / "morpho-test.csv"
@@ -237,6 +239,8 @@ def test_a_spoiled_cache_is_measured_again(tmp_path, idx_and_images, monkeypatch
         image_file.write_bytes(b"other images")
     elif spoil == "foreign":
         images = np.concatenate([images, images[:1]])  # 6 images against a cache of 5
+    elif spoil == "skimage":  # measured by another skimage, whose skeleton differs
+        monkeypatch.setattr(skimage, "__version__", "0.1")
     elif spoil == "columns":
         cache.write_text("\n".join([lines[0], lines[1].replace("slant", "tilt")] + lines[2:]))
     elif spoil == "indices":

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import demo_script
@@ -320,6 +321,7 @@ def test_dask_grid_survives_a_killed_worker_and_equals_the_sequential_grid(refer
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-1500:]
         assert pids[busy[0]] not in client.run(os.getpid).values()
+        assert client.submit(grid.dask_worker_threads, pure=False).result() == 1  # what grid_member checks
     for b, s in MEMBERS:
         assert loss_rows(tmp_path, b, s) == loss_rows(reference, b, s), (b, s)
     assert table(tmp_path) == table(reference)
@@ -335,7 +337,8 @@ BAD = [(["--beta-sweep", "1", "--workers", "0"], "--workers"), (["--beta-sweep",
        (["--workers", "2"], "--workers"), (["--scheduler", "tcp://127.0.0.1:1"], "--scheduler"),
        (["--train-seeds", "1", "--workers", "2", "--scheduler", "tcp://127.0.0.1:1"], "--scheduler"),
        (["--train-seeds", "-1"], "--train-seeds"), (["--train-seeds", "3", "3"], "--train-seeds"),
-       (["--beta-sweep", "1", "1.0"], "--beta-sweep"), (["--train-seeds", "1", "--resume"], "--train-seeds")]
+       (["--beta-sweep", "1", "1.0"], "--beta-sweep"), (["--train-seeds", "1", "--resume"], "--train-seeds"),
+       (["--beta-sweep", "1", "2", "--schedule", "capacity"], "--schedule capacity")]
 
 
 @pytest.mark.parametrize("flags,name", BAD, ids=[" ".join(f) for f, _ in BAD])
@@ -354,3 +357,55 @@ def test_a_malformed_scheduler_address_fails_in_one_line_and_touches_nothing(add
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--scheduler {address}:" in err and "Traceback" not in err
     assert not out.exists() and not data_dir.exists()
+
+
+def report_running(sub):
+    print(f"running {grid.member_name(sub)}", flush=True)
+    return {"beta": sub.beta_max, "seed": sub.seed}
+
+
+def test_the_sequential_grid_reports_each_member_as_it_ends(tmp_path, capsys):
+    args = demo_script.parse_args([str(a) for a in GRID + ["--out-dir", tmp_path]])
+    results, errors = grid.run_members(grid.grid_members(args), args, report_running, demo_script.with_defaults({}))
+    assert len(results) == 4 and not errors
+    names = [grid.member_name(m) for m in grid.grid_members(args)]
+    # each "done" comes straight after its member ran, not all of them after the last
+    assert capsys.readouterr().out.splitlines() == [line for i, n in enumerate(names, 1)
+                                                    for line in (f"running {n}", f"{n}: done ({i} of 4)")]
+
+
+def test_a_dask_worker_that_runs_members_in_threads_is_refused(tmp_path, monkeypatch):
+    # Two members in threads of one process would re-seed torch's one generator under each other (training differs).
+    assert grid.dask_worker_threads() is None  # outside a Dask worker
+    monkeypatch.setattr(grid, "dask_worker_threads", lambda: 2)
+    args = demo_script.parse_args([str(a) for a in GRID + ["--out-dir", tmp_path]])
+    with pytest.raises(grid.GridError, match="--nthreads 1"):
+        grid.grid_member(grid.grid_members(args)[0], report_running, demo_script.with_defaults({}))
+    assert not (tmp_path / "grid").exists()
+
+
+def test_on_dask_the_worker_resolves_device_and_precision(reference, tmp_path):
+    # A client without a GPU may send members to workers with one: --device cuda is not refused here, and auto is
+    # resolved by the worker, where a resumed or finished member keeps the precision it recorded.
+    argv = GRID + ["--scheduler", "tcp://127.0.0.1:1", "--out-dir", tmp_path]
+    args = demo_script.parse_args([str(a) for a in argv + ["--device", "cuda"]])
+    assert args.precision == "auto" and args.device == "cuda"
+    args = demo_script.parse_args([str(a) for a in argv])
+    copy_grid(reference, tmp_path, drop=[("2", 1), ("2", 2)], keep_checkpoint=[("0.5", 2)])
+    finished, stopped, new = grid.grid_members(args)[:3]
+    recorded = metrics(reference, "0.5", 1)["config"]["precision"]
+    assert grid.finished_metrics(finished, demo_script.with_defaults({})) == metrics(reference, "0.5", 1)
+    assert grid.member_precision(stopped) == recorded
+    assert grid.member_precision(new) == utils.resolve_precision("auto", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        new.device = "cuda"
+        with pytest.raises(ValueError, match="not available"):
+            grid.member_precision(new)
+
+
+def test_pool_members_share_the_cores_among_the_processes_that_run(monkeypatch):
+    monkeypatch.setattr(utils, "usable_cores", lambda: 16)
+    args = demo_script.parse_args(["--beta-sweep", "1", "2", "--workers", "8"])
+    assert grid.thread_count(args) == 8  # two members: two processes, not eight
+    args = demo_script.parse_args(["--beta-sweep", "1", "2", "--train-seeds", "1", "2", "3", "4", "--workers", "4"])
+    assert grid.thread_count(args) == 4

@@ -34,6 +34,7 @@ def mnist_test_images(mnist_dir):
 @pytest.mark.parametrize("entry, kwargs, checkpoint", [
     ("beta_vae", {}, "checkpoint.pt"),
     ("binarized_vae", {"latent_dim": 10}, "likelihood/z10/checkpoint.pt"),
+    ("binarized_vae", {"latent_dim": 10.0}, "likelihood/z10/checkpoint.pt"),  # a float that equals 10 is 10
     ("binarized_vae", {}, "likelihood/z50/checkpoint.pt")])  # its default: the 50-d model
 def test_hub_models_are_the_committed_checkpoints_in_eval_mode(entry, kwargs, checkpoint, mnist_test_images):
     m = hub_load(entry, **kwargs)
