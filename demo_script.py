@@ -68,7 +68,7 @@ def add_run_flags(a):
     a("--precision", choices=["auto", "fp32", "bf16"], default="auto",
       help="training precision; bf16 autocasts the network's matrix products, and evaluation and analysis stay fp32; "
            "auto: bf16 where the CPU (oneDNN) or GPU supports it, else fp32 (default: auto)")
-    a("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    a("--device", default="auto", help=f"{', '.join(utils.DEVICES)} (default: auto)")
     a("--threads", type=int, default=None, metavar="N",
       help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
            "cores when sequential, cores // N with --workers N (N at most the grid's models), 1 per model with "
@@ -114,7 +114,8 @@ def add_grid_flags(a):
     a("--workers", type=int, default=None, metavar="N",
       help="run the grid's models in N local processes (default: one after another in this process)")
     a("--scheduler", default=None, metavar="ADDRESS",
-      help="run the grid's models on a running Dask scheduler, e.g. tcp://127.0.0.1:8786 (default: off)")
+      help="run the grid's models on a running Dask scheduler, e.g. tcp://127.0.0.1:8786; each worker resolves "
+           "--device and --precision auto for the models it runs (default: off)")
 
 
 def build_parser():
@@ -173,6 +174,8 @@ def value_checks(args):
          "--train-seeds must be in [0, 2^32)"),
         (args.train_seeds is None or len(set(args.train_seeds)) == len(args.train_seeds),
          "--train-seeds must be distinct"),
+        # the name only: whether the device is there is this machine's to say, or on Dask each worker's
+        (args.device in utils.DEVICES, f"--device must be one of {', '.join(utils.DEVICES)}"),
         (args.workers is None or args.workers >= 1, "--workers must be >= 1"),
         (args.threads is None or args.threads >= 1, "--threads must be >= 1"),
     ]

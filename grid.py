@@ -129,10 +129,11 @@ def finished_metrics(sub, defaults):
 
 def dask_worker_threads():
     """-> how many tasks the Dask worker running this code runs at once, or None outside a Dask worker."""
+    if "distributed" not in sys.modules:  # a Dask worker has imported it; a pool process or this one need not
+        return None
     try:
-        from distributed import get_worker
-        return get_worker().state.nthreads
-    except (ImportError, ValueError):  # ValueError: "No worker found", a pool process or this one
+        return sys.modules["distributed"].get_worker().state.nthreads
+    except ValueError:  # "No worker found": Dask imported, this process no worker (a client, a test)
         return None
 
 
@@ -165,18 +166,18 @@ def grid_member(sub, run, defaults, log_to_file=False, wait=True):
     second grid command, Dask re-running a member it thought lost) raises data.FolderBusy, or with wait is waited for,
     then read back or resumed; Ctrl-C and SIGTERM stop it, waiting or not. log_to_file: its stdout goes to its
     stdout.txt, not the terminal."""
-    if (dask_worker_threads() or 1) > 1:  # torch's random generator is one per process, which threads would share
-        raise GridError(f"this Dask worker runs {dask_worker_threads()} tasks at once; members in threads of one "
-                        "process would draw from one random stream: start workers with dask worker --nthreads 1")
+    threads = dask_worker_threads() or 1
+    if threads > 1:  # torch's random generator is one per process, which threads would share
+        raise GridError(f"this Dask worker runs {threads} tasks at once; members in threads of one process would "
+                        "draw from one random stream: start workers with dask worker --nthreads 1")
     utils.flush_denormals()  # a pool or Dask worker's own thread, before its torch threads start (on Dask it stays set)
     utils.limit_threads(sub.threads)
     with sigint_handled(signal.default_int_handler), data.sigterm_raises(), data.folder_lock(sub.out_dir, wait=wait):
-        sub = copy.copy(sub)
-        sub.precision = member_precision(sub)  # on Dask, here: the worker's hardware, not the client's, decides
         metrics = finished_metrics(sub, defaults)  # here too: Dask re-runs a member whose worker died after it finished
         if metrics:
             return metrics
-        out = Path(sub.out_dir)
+        out, sub = Path(sub.out_dir), copy.copy(sub)
+        sub.precision = member_precision(sub)  # on Dask, here: the worker's hardware, not the client's, decides
         sub.resume = (out / "checkpoint.pt").is_file()
         log = open(out / "stdout.txt", "a", encoding="utf-8") if log_to_file else nullcontext(sys.stdout)
         with log as stream, redirect_stdout(stream):

@@ -111,8 +111,8 @@ def half_split_variance(lse_even, lse_odd, k):
     # Two independent replicates, log mean w over ceil(k/2) and floor(k/2) draws: (L_a - L_b)^2 estimates Var L_a +
     # Var L_b, taken down to k draws at the 1/k rate of Var[log mean w] (Owen 2013, Monte Carlo theory, methods and
     # examples, Ch. 9). The delta method, Var(w) / (K E[w]^2), needs Var(w), which heavy-tailed weights leave
-    # underestimated in most runs: on the committed models it gave 0.5-0.7 of the spread over seeds, the halves
-    # 0.7-1.2 (benchmarks/README.md).
+    # underestimated in most runs: on the committed models it gave 0.5-0.9 of the spread over seeds, the halves
+    # 0.7-1.3 (benchmarks/README.md).
     ka, kb = (k + 1) // 2, k // 2
     if kb == 0:
         return torch.full_like(lse_even, math.nan)  # one weight: no second replicate to compare it with

@@ -71,6 +71,9 @@ def has_mps():
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")  # what resolve_device takes
+
+
 def resolve_device(name):
     """'auto' | 'cpu' | 'cuda' | 'mps' -> torch.device; ValueError when the device is not there."""
     has = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps()}
@@ -366,7 +369,7 @@ def checkpoint_state(model, opt, epoch, config, history):
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), epoch=epoch, config=config,
                 history=history, torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                mps_rng=torch.mps.get_rng_state() if has_mps() else None,
+                mps_rng=torch.mps.get_rng_state() if next(model.parameters()).device.type == "mps" else None,
                 numpy_rng=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
                 python_rng=list(random.getstate()))
 

@@ -8,6 +8,7 @@ output; one made without the inputs' dtype meets float64 weights and fails, or s
 import argparse
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,32 +150,38 @@ def test_the_default_device_check_catches_a_tensor_made_without_a_device():
 
 # ----------------------------------------------------------------------------- GPU generators in checkpoints, mocked
 
-def small_state():
+def small_state(on_mps=False):
+    """checkpoint_state of a small CPU model; on_mps: as if its parameters were on an Apple GPU."""
     model = BetaVAE(VAEConfig(hidden=(8,), latent_dim=2))
-    return utils.checkpoint_state(model, utils.make_optimizer(model, 1e-3), 1, {}, [])
+    opt = utils.make_optimizer(model, 1e-3)
+    if on_mps:
+        model.parameters = lambda: iter([SimpleNamespace(device=torch.device("mps"))])  # all checkpoint_state reads
+    return utils.checkpoint_state(model, opt, 1, {}, [])
 
 
 def test_a_run_asks_cuda_for_no_generator_before_cuda_starts_and_resumes_on_fewer_gpus(monkeypatch):
     def never():
         raise AssertionError("asked before CUDA started: that starts it, a context per process of a CPU run")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, which this run leaves alone
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", never)
     state = small_state()
     assert state["cuda_rng"] == []
     restored, two_gpus = {}, [torch.full((4,), i, dtype=torch.uint8) for i in (1, 2)]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.__setitem__(i, s))
     utils.restore_rng({**state, "cuda_rng": two_gpus})  # written on two GPUs, resumed on one: its own restored
     assert list(restored) == [0] and torch.equal(restored[0], two_gpus[0])
 
 
-def test_the_mps_generator_is_saved_and_restored(monkeypatch):
+def test_the_mps_generator_is_saved_and_restored_for_a_model_on_mps_only(monkeypatch):
     mps_state, restored = torch.arange(8, dtype=torch.uint8), []
     monkeypatch.setattr(utils, "has_mps", lambda: True)
-    monkeypatch.setattr(torch.mps, "get_rng_state", mps_state.clone)
     monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
-    state = small_state()
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: pytest.fail("a CPU run on a Mac asked MPS for its state"))
+    assert small_state()["mps_rng"] is None
+    monkeypatch.setattr(torch.mps, "get_rng_state", mps_state.clone)
+    state = small_state(on_mps=True)
     utils.restore_rng(state)
     assert torch.equal(state["mps_rng"], mps_state) and len(restored) == 1 and torch.equal(restored[0], mps_state)
     utils.restore_rng({k: v for k, v in state.items() if k != "mps_rng"})  # written before MPS states were saved

@@ -393,10 +393,18 @@ def test_on_dask_the_worker_resolves_device_and_precision(reference, tmp_path):
     args = demo_script.parse_args([str(a) for a in argv])
     copy_grid(reference, tmp_path, drop=[("2", 1), ("2", 2)], keep_checkpoint=[("0.5", 2)])
     finished, stopped, new = grid.grid_members(args)[:3]
-    recorded = metrics(reference, "0.5", 1)["config"]["precision"]
-    assert grid.finished_metrics(finished, demo_script.with_defaults({})) == metrics(reference, "0.5", 1)
-    assert grid.member_precision(stopped) == recorded
-    assert grid.member_precision(new) == utils.resolve_precision("auto", torch.device("cpu"))
+    here = utils.resolve_precision("auto", torch.device("cpu"))
+    other = "fp32" if here == "bf16" else "bf16"  # as if another kind of worker had trained them
+    state = torch.load(member(tmp_path, "0.5", 2) / "checkpoint.pt", weights_only=True)
+    state["config"]["precision"] = other
+    torch.save(state, member(tmp_path, "0.5", 2) / "checkpoint.pt")
+    done = metrics(tmp_path, "0.5", 1)
+    done["config"]["precision"] = other
+    (member(tmp_path, "0.5", 1) / "metrics.json").write_text(json.dumps(done))
+    assert grid.finished_metrics(finished, demo_script.with_defaults({})) == done
+    assert grid.grid_member(finished, report_running, demo_script.with_defaults({})) == done  # read back, not run
+    assert grid.member_precision(stopped) == other  # resumed as it began
+    assert grid.member_precision(new) == here
     if not torch.cuda.is_available():
         new.device = "cuda"
         with pytest.raises(ValueError, match="not available"):

@@ -76,18 +76,22 @@ def test_iw_monte_carlo_error_matches_the_spread_over_seeds(make_model, low):
         assert utils.standard_errors(runs[0][0], delta_method_variance(log_w))[0] < 0.65 * spread
 
 
-def test_iw_monte_carlo_variance_compares_the_bounds_of_the_even_and_the_odd_draws():
+@pytest.mark.parametrize("k, chunk", [(7, 3), (8, 4), (4, 10), (5, 10), (6, 6)])  # passes odd, even; images per pass
+def test_iw_monte_carlo_variance_compares_the_bounds_of_the_even_and_the_odd_draws(k, chunk):
     m, x = one_d_model(), (torch.rand(5, 20, dtype=torch.float64) > 0.5).double()
-    k, passes = 7, (3, 3, 1)
-    log_px, mc_var = measures.iw_log_likelihood(m, x, k, "bce", seed=4, chunk=3)  # one image, 3 draws per pass
-    gen = torch.Generator().manual_seed(4)  # the same draws again, image by image, pass by pass
-    for i in range(len(x)):
+    log_px, mc_var = measures.iw_log_likelihood(m, x, k, "bce", seed=4, chunk=chunk)
+    gen, per_pass, step = torch.Generator().manual_seed(4), min(k, chunk), max(1, chunk // k)
+    for i in range(0, len(x), step):  # the same draws again: the same images and draws per pass
+        xb = x[i:i + step]
         with torch.no_grad():
-            log_w = torch.cat([measures.iw_log_weights(m, x[i:i + 1], *m.encode(x[i:i + 1]), n, "bce", gen)[:, 0]
-                               for n in passes])
-        assert log_px[i].item() == pytest.approx(math.log(log_w.exp().mean()), abs=1e-9)
-        a, b = (math.log(log_w[j::2].exp().mean()) for j in (0, 1))  # 4 draws and 3: two independent bounds
-        assert mc_var[i].item() == pytest.approx((a - b) ** 2 * 4 * 3 / k ** 2, rel=1e-6)  # scaled to k at 1/k
+            log_w = torch.cat([measures.iw_log_weights(m, xb, *m.encode(xb), min(per_pass, k - start), "bce", gen)
+                               for start in range(0, k, per_pass)])  # (k, images), in draw order
+        for j in range(len(xb)):
+            w = log_w[:, j].exp()
+            assert log_px[i + j].item() == pytest.approx(math.log(w.mean()), abs=1e-9)
+            a, b = math.log(w[0::2].mean()), math.log(w[1::2].mean())  # two independent bounds, ceil and floor k/2
+            ka, kb = (k + 1) // 2, k // 2
+            assert mc_var[i + j].item() == pytest.approx((a - b) ** 2 * ka * kb / k ** 2, rel=1e-6)  # to k at 1/k
     assert measures.iw_log_likelihood(m, x, 1, "bce")[1].isnan().all()  # one weight: no spread to measure
 
 
