@@ -71,7 +71,7 @@ def add_run_flags(a):
     a("--device", default="auto", help=f"{', '.join(utils.DEVICES)} (default: auto)")
     a("--threads", type=int, default=None, metavar="N",
       help="threads per model for torch, BLAS/OpenMP, numba, t-SNE and clustering seeds side by side (default: all "
-           "cores when sequential, cores // N with --workers N (N at most the grid's models), 1 per model with "
+           "cores when sequential, cores // N with --workers N (N at most the models left to train), 1 per model with "
            "--scheduler)")
     a("--dataset", choices=list(data.DATASETS), default="mnist", help="data set (default: mnist)")
     a("--data-dir", default="./data", help="where the IDX files live or are provisioned (default: ./data)")
@@ -456,7 +456,7 @@ def main(argv=None):
     SIGTERM 143 with the command that resumes; no tracebacks."""
     utils.flush_denormals()  # before torch starts its threads, which copy the flag
     args, started = parse_args(argv), time.time()
-    args.threads, is_grid = grid.thread_count(args), bool(args.beta_sweep or args.train_seeds)
+    is_grid = bool(args.beta_sweep or args.train_seeds)  # a grid sets its members' threads (grid.thread_count)
     try:
         with data.sigterm_raises():
             if is_grid:  # run by module name, not __main__'s: what a pool or Dask worker can import and unpickle

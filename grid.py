@@ -68,14 +68,13 @@ class InlineExecutor(cf.Executor):
         return future
 
 
-def thread_count(args):
-    """-> threads per run: --threads, else cores // the pool's processes, 1 on Dask, or None: each library's default,
-    all cores."""
+def thread_count(args, runs=None):
+    """-> threads per run: --threads, else cores // the pool's processes (--workers, or fewer: `runs`, the models left
+    to train), 1 on Dask, or None: each library's default, all cores."""
     if args.threads:
         return args.threads
-    if args.workers:  # the pool starts no more processes than there are members (grid_executor)
-        members = len(args.beta_sweep or [None]) * len(args.train_seeds or [None])
-        return max(1, utils.usable_cores() // min(args.workers, members))
+    if args.workers:  # the pool starts no more processes than there are models to train (grid_executor)
+        return max(1, utils.usable_cores() // min(args.workers, runs or args.workers))
     return 1 if args.scheduler else None
 
 
@@ -447,6 +446,8 @@ def grid(args, run, defaults):
             results[member_name(m)] = metrics
         else:
             todo.append(m)
+    for m in todo:  # the cores are shared by the processes that train, as many as there are members left
+        m.threads = thread_count(args, len(todo))
     new, errors = run_members(todo, args, run, defaults) if todo else ({}, {})
     summaries = beta_summaries(members, {**results, **new}, errors)
     write_grid_outputs_locked(args, summaries)

@@ -411,9 +411,17 @@ def test_on_dask_the_worker_resolves_device_and_precision(reference, tmp_path):
             grid.member_precision(new)
 
 
-def test_pool_members_share_the_cores_among_the_processes_that_run(monkeypatch):
+def test_pool_members_share_the_cores_among_the_processes_that_run(reference, tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "usable_cores", lambda: 16)
-    args = demo_script.parse_args(["--beta-sweep", "1", "2", "--workers", "8"])
-    assert grid.thread_count(args) == 8  # two members: two processes, not eight
-    args = demo_script.parse_args(["--beta-sweep", "1", "2", "--train-seeds", "1", "2", "3", "4", "--workers", "4"])
-    assert grid.thread_count(args) == 4
+    copy_grid(reference, tmp_path, drop=[("2", 1), ("2", 2)])  # two of the four members left to train
+    args = demo_script.parse_args([str(a) for a in GRID + ["--workers", "4", "--out-dir", tmp_path]])
+    threads = {}
+
+    def run_members(todo, *_):  # what the pool would be given, and the members' own metrics back
+        threads.update({grid.member_name(m): m.threads for m in todo})
+        return {grid.member_name(m): metrics(reference, f"{m.beta_max:g}", m.seed) for m in todo}, {}
+    monkeypatch.setattr(grid, "run_members", run_members)
+    grid.grid(args, None, demo_script.with_defaults({}))
+    assert threads == {"beta=2 seed=1": 8, "beta=2 seed=2": 8}  # two processes of 8 threads, not 4 threads each
+    assert table(tmp_path) == table(reference)
+    assert grid.thread_count(demo_script.parse_args(["--beta-sweep", "1", "--workers", "4", "--threads", "3"]), 1) == 3
